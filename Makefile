@@ -1,0 +1,42 @@
+# Dev chores. `make demo` and `make test` bootstrap everything they need from a bare Python.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+DEV_DEPS := cmake ninja pybind11 scikit-build-core pytest hypothesis numpy scikit-learn matplotlib pandas tqdm ruff
+
+.PHONY: venv build test demo bench lint sanitize wheel clean
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) $(DEV_DEPS)
+	touch $@
+
+venv: $(VENV)/.ready
+
+# In-place build of hotloop._C into python/hotloop (tests and the demo import from python/).
+build: venv
+	$(VENV)/bin/cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) \
+		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) $(CMAKE_ARGS) > /dev/null
+	$(VENV)/bin/cmake --build build/dev
+	cp build/dev/_C*.so build/dev/_build_info.py python/hotloop/
+
+test: build
+	$(PY) -m pytest -q
+
+demo: build
+	PYTHONPATH=python $(PY) bench/demo.py
+
+bench: build
+	PYTHONPATH=python $(PY) bench/run.py $(BENCH_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+
+wheel: venv
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist python/hotloop/_C*.so python/hotloop/_build_info.py

@@ -1,0 +1,99 @@
+// Dataset: permutation per epoch exactly as torch.randperm(n, generator=g), batches by index_select.
+#include "data/dataset.h"
+
+#include <c10/util/Exception.h>
+
+namespace hotloop {
+
+Dataset::Dataset(std::vector<at::Tensor> tensors, int64_t batch_size, bool shuffle, bool drop_last,
+                 std::optional<at::Generator> generator, bool reuse_buffers)
+    : tensors_(std::move(tensors)),
+      batch_size_(batch_size),
+      shuffle_(shuffle),
+      drop_last_(drop_last),
+      generator_(std::move(generator)),
+      reuse_buffers_(reuse_buffers) {
+  TORCH_CHECK(!tensors_.empty(), "train_data must contain at least one tensor");
+  TORCH_CHECK(batch_size_ >= 1, "batch_size must be >= 1, got ", batch_size_);
+  const auto& first = tensors_.front();
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    const auto& t = tensors_[i];
+    TORCH_CHECK(t.defined(), "train_data[", i, "] is undefined");
+    TORCH_CHECK(t.dim() >= 1, "train_data[", i, "] must have a sample dimension, got a 0-dim tensor");
+    TORCH_CHECK(t.size(0) == first.size(0), "train_data tensors must have the same number of samples: ",
+                "train_data[0] has ", first.size(0), ", train_data[", i, "] has ", t.size(0));
+    TORCH_CHECK(t.device() == first.device(), "train_data tensors must be on one device: train_data[0] is on ",
+                first.device(), ", train_data[", i, "] is on ", t.device());
+  }
+  num_samples_ = first.size(0);
+  TORCH_CHECK(num_samples_ > 0, "train_data has zero samples");
+  TORCH_CHECK(!drop_last_ || num_samples_ >= batch_size_, "drop_last=True with batch_size=", batch_size_,
+              " larger than the ", num_samples_, " samples would leave no batch");
+  if (shuffle_ && tensors_.size() > 0) {
+    // Contiguous sources make index_select a plain row copy.
+    for (auto& t : tensors_) t = t.contiguous();
+  }
+}
+
+int64_t Dataset::epoch_length() const {
+  return drop_last_ ? (num_samples_ / batch_size_) * batch_size_ : num_samples_;
+}
+
+int64_t Dataset::batches_per_epoch() const {
+  return drop_last_ ? num_samples_ / batch_size_ : (num_samples_ + batch_size_ - 1) / batch_size_;
+}
+
+at::Tensor Dataset::gather(size_t which, const at::Tensor& index, int64_t start, int64_t count) {
+  const auto& source = tensors_[which];
+  if (!shuffle_) return source.narrow(0, start, count);
+  if (!reuse_buffers_) return at::index_select(source, 0, index);
+  auto& buffers = count == batch_size_ ? full_buffers_ : tail_buffers_;
+  if (buffers.size() != tensors_.size()) buffers.resize(tensors_.size());
+  auto& dest = buffers[which];
+  if (!dest.defined() || dest.size(0) != count) {
+    auto sizes = source.sizes().vec();
+    sizes[0] = count;
+    dest = at::empty(sizes, source.options());
+  }
+  at::index_select_out(dest, source, 0, index);
+  return dest;
+}
+
+std::vector<at::Tensor> Dataset::next_batch() {
+  if (position_ == 0 && shuffle_) {
+    auto options = at::TensorOptions().dtype(at::kLong).device(device());
+    order_ = at::randperm(num_samples_, generator_, options);
+  }
+  started_ = true;
+  const int64_t count = std::min(batch_size_, epoch_length() - position_);
+  at::Tensor index;
+  if (shuffle_) index = order_.narrow(0, position_, count);
+  std::vector<at::Tensor> batch;
+  batch.reserve(tensors_.size());
+  for (size_t i = 0; i < tensors_.size(); ++i) batch.push_back(gather(i, index, position_, count));
+  position_ += count;
+  ++batch_index_;
+  if (position_ >= epoch_length()) {
+    position_ = 0;
+    batch_index_ = 0;
+    ++epochs_completed_;
+  }
+  return batch;
+}
+
+void Dataset::restore(const at::Tensor& order, int64_t batch_index, int64_t epochs_completed) {
+  TORCH_CHECK(batch_index >= 0 && batch_index < batches_per_epoch(), "batch_index must be in [0, ",
+              batches_per_epoch(), "), got ", batch_index);
+  TORCH_CHECK(epochs_completed >= 0, "epochs_completed must be >= 0, got ", epochs_completed);
+  if (shuffle_ && batch_index > 0) {
+    TORCH_CHECK(order.defined() && order.dim() == 1 && order.size(0) == num_samples_,
+                "order must be a permutation of ", num_samples_, " samples");
+    order_ = order.to(device(), at::kLong);
+  }
+  batch_index_ = batch_index;
+  position_ = batch_index * batch_size_;
+  epochs_completed_ = epochs_completed;
+  started_ = epochs_completed > 0 || batch_index > 0;
+}
+
+}  // namespace hotloop

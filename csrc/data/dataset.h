@@ -1,0 +1,58 @@
+// Dataset: the aligned training tensors on one device, the epoch permutation and the batch gather.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace hotloop {
+
+class Dataset {
+ public:
+  Dataset(std::vector<at::Tensor> tensors, int64_t batch_size, bool shuffle, bool drop_last,
+          std::optional<at::Generator> generator, bool reuse_buffers);
+
+  int64_t num_samples() const { return num_samples_; }
+  int64_t batch_size() const { return batch_size_; }
+  int64_t batches_per_epoch() const;
+  const std::vector<at::Tensor>& tensors() const { return tensors_; }
+  at::Device device() const { return tensors_.front().device(); }
+
+  // The next batch of every tensor, aligned. Draws the epoch's permutation lazily at the first batch of
+  // an epoch, so the generator is consumed exactly when an eager loop would consume it.
+  std::vector<at::Tensor> next_batch();
+  // True when the last call to next_batch() returned the final batch of its epoch.
+  bool epoch_finished() const { return position_ == 0 && started_; }
+  int64_t epochs_completed() const { return epochs_completed_; }
+  // Position inside the current epoch, in batches (0 at an epoch boundary).
+  int64_t batch_index() const { return batch_index_; }
+  // The current epoch's sample order (undefined before the first batch of an epoch).
+  at::Tensor epoch_order() const { return order_; }
+  // Restores a position saved from epoch_order()/batch_index() (for resume).
+  void restore(const at::Tensor& order, int64_t batch_index, int64_t epochs_completed);
+
+ private:
+  int64_t epoch_length() const;  // samples visited per epoch
+  at::Tensor gather(size_t which, const at::Tensor& index, int64_t start, int64_t count);
+
+  std::vector<at::Tensor> tensors_;
+  int64_t num_samples_;
+  int64_t batch_size_;
+  bool shuffle_;
+  bool drop_last_;
+  std::optional<at::Generator> generator_;
+  bool reuse_buffers_;
+
+  at::Tensor order_;  // permutation of the current epoch when shuffling
+  int64_t position_ = 0;
+  int64_t batch_index_ = 0;
+  int64_t epochs_completed_ = 0;
+  bool started_ = false;
+  // Static gather destinations, one set for the full batch and one for the smaller last batch.
+  std::vector<at::Tensor> full_buffers_;
+  std::vector<at::Tensor> tail_buffers_;
+};
+
+}  // namespace hotloop

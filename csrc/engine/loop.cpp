@@ -1,0 +1,62 @@
+// Loop: the native inner loop. Loss is accumulated on the device and read once per window.
+#include "engine/loop.h"
+
+#include <pybind11/pybind11.h>
+
+#include <chrono>
+
+namespace hotloop {
+namespace py = pybind11;
+
+namespace {
+// How often a running window looks for Ctrl-C; short enough to feel instant, long enough to cost nothing.
+constexpr auto kSignalCheckInterval = std::chrono::milliseconds(5);
+
+void raise_pending_signals() {
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+}  // namespace
+
+Loop::Loop(std::shared_ptr<Dataset> dataset, std::shared_ptr<Step> step)
+    : dataset_(std::move(dataset)), step_(std::move(step)) {
+  TORCH_CHECK(dataset_ != nullptr, "Loop needs a dataset");
+  TORCH_CHECK(step_ != nullptr, "Loop needs a step");
+  loss_accumulator_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(dataset_->device()));
+}
+
+WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
+  TORCH_CHECK(max_steps >= 1, "max_steps must be >= 1, got ", max_steps);
+  using Clock = std::chrono::steady_clock;
+  WindowStats stats;
+  const auto start = Clock::now();
+  const int64_t epochs_before = dataset_->epochs_completed();
+  {
+    py::gil_scoped_release no_gil;
+    loss_accumulator_.zero_();
+    auto next_signal_check = start + kSignalCheckInterval;
+    while (stats.steps < max_steps) {
+      auto batch = dataset_->next_batch();
+      const int64_t batch_samples = batch.front().size(0);
+      at::Tensor loss = step_->run(batch);
+      loss_accumulator_.add_(loss.detach(), static_cast<double>(batch_samples));
+      stats.samples += batch_samples;
+      ++stats.steps;
+      ++total_steps_;
+      const bool epoch_ended = dataset_->epoch_finished();
+      if (epoch_ended && stop_at_epoch_end) break;
+      const auto now = Clock::now();
+      if (now >= next_signal_check) {
+        raise_pending_signals();
+        next_signal_check = now + kSignalCheckInterval;
+      }
+    }
+    stats.loss_sum = loss_accumulator_.item<double>();
+  }
+  stats.epoch_ended = dataset_->epoch_finished();
+  stats.epochs_completed = dataset_->epochs_completed() - epochs_before;
+  stats.wall_time_sec = std::chrono::duration<double>(Clock::now() - start).count();
+  return stats;
+}
+
+}  // namespace hotloop

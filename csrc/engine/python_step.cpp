@@ -1,0 +1,30 @@
+// PythonStep: takes the GIL for each batch and calls step_fn(*batch) -> loss tensor.
+#include "engine/python_step.h"
+
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+namespace hotloop {
+namespace py = pybind11;
+
+PythonStep::PythonStep(py::function step_fn) : step_fn_(std::move(step_fn)) {}
+
+PythonStep::~PythonStep() {
+  // The callable may be released from a thread that does not hold the GIL.
+  py::gil_scoped_acquire gil;
+  step_fn_ = py::function();
+}
+
+at::Tensor PythonStep::run(const std::vector<at::Tensor>& batch) {
+  py::gil_scoped_acquire gil;
+  py::tuple args(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) args[i] = py::cast(batch[i]);
+  py::object result = step_fn_(*args);
+  TORCH_CHECK(THPVariable_Check(result.ptr()), "the python step must return the loss tensor, got ",
+              std::string(py::str(py::type::of(result))));
+  at::Tensor loss = THPVariable_Unpack(result.ptr());
+  TORCH_CHECK(loss.numel() == 1, "the loss must be a single value, got shape ", loss.sizes());
+  return loss.reshape({});
+}
+
+}  // namespace hotloop

@@ -1,0 +1,92 @@
+"""Argument checks shared by the public functions: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def check_callable(name: str, value: Any) -> Callable[..., Any]:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value
+
+
+def check_tensors(name: str, data: Any, *, last_label: bool) -> list[torch.Tensor]:
+    """Aligned batch-first tensors: a non-empty tuple/list of tensors with one sample count, on one device."""
+    if isinstance(data, torch.Tensor):
+        raise TypeError(f"{name} must be a tuple or list of tensors, got a single Tensor; pass e.g. (X, y)")
+    if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
+        raise TypeError(f"{name} must be a tuple or list of tensors, got {type(data).__name__}")
+    tensors = list(data)
+    if not tensors:
+        raise ValueError(f"{name} must contain at least one tensor")
+    for i, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() == 0:
+            raise ValueError(f"{name}[{i}] must have a sample (first) dimension, got a 0-dim tensor")
+    if last_label and len(tensors) < 2:
+        raise ValueError(f"last_label=True requires at least two tensors in {name} (inputs and labels)")
+    counts = [t.shape[0] for t in tensors]
+    for i, count in enumerate(counts):
+        if count != counts[0]:
+            raise ValueError(
+                f"{name} tensors must have the same number of samples: {name}[0] has {counts[0]}, "
+                f"{name}[{i}] has {count}"
+            )
+    if counts[0] == 0:
+        raise ValueError(f"{name} has zero samples")
+    devices = [t.device for t in tensors]
+    for i, device in enumerate(devices):
+        if device != devices[0]:
+            raise ValueError(
+                f"{name} tensors must be on one device: {name}[0] is on {devices[0]}, {name}[{i}] is on {device}"
+            )
+    return tensors
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def check_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    owned = {id(p) for p in model.parameters()}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, param in enumerate(group["params"]):
+            if id(param) not in owned:
+                raise ValueError(
+                    f"optimizer param_groups[{g}]['params'][{i}] (shape {tuple(param.shape)}) is not a "
+                    "parameter of model; build the optimizer from model.parameters()"
+                )
+    return optimizer
