@@ -1,6 +1,7 @@
 # Dev chores. `make demo` and `make test` bootstrap everything they need from a bare Python.
 PYTHON ?= python3
 VENV := .venv
+BUILD_DIR ?= build/dev
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 DEV_DEPS := cmake ninja pybind11 scikit-build-core pytest hypothesis numpy scikit-learn matplotlib pandas tqdm ruff
@@ -17,10 +18,10 @@ venv: $(VENV)/.ready
 
 # In-place build of hotloop._C into python/hotloop (tests and the demo import from python/).
 build: venv
-	$(VENV)/bin/cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) \
+	$(VENV)/bin/cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) \
 		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) $(CMAKE_ARGS) > /dev/null
-	$(VENV)/bin/cmake --build build/dev
-	cp build/dev/_C*.so build/dev/_build_info.py python/hotloop/
+	$(VENV)/bin/cmake --build $(BUILD_DIR)
+	cp $(BUILD_DIR)/_C*.so $(BUILD_DIR)/_build_info.py python/hotloop/
 
 test: build
 	$(PY) -m pytest -q
