@@ -21,7 +21,9 @@ build: venv
 	$(VENV)/bin/cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) \
 		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) $(CMAKE_ARGS) > /dev/null
 	$(VENV)/bin/cmake --build $(BUILD_DIR)
-	cp $(BUILD_DIR)/_C*.so $(BUILD_DIR)/_build_info.py python/hotloop/
+	@# copy then rename: a new inode, so processes that have the old module mapped are not corrupted
+	for f in $(BUILD_DIR)/_C*.so $(BUILD_DIR)/_build_info.py; do \
+		cp $$f python/hotloop/.$$(basename $$f).tmp && mv python/hotloop/.$$(basename $$f).tmp python/hotloop/$$(basename $$f); done
 
 test: build
 	$(PY) -m pytest -q
