@@ -45,5 +45,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Loop>(m, "Loop")
       .def(py::init<std::shared_ptr<Dataset>, std::shared_ptr<Step>>(), py::arg("dataset"), py::arg("step"))
       .def("run", &Loop::run, py::arg("max_steps"), py::arg("stop_at_epoch_end"))
-      .def_property_readonly("total_steps", &Loop::total_steps);
+      .def("request_interrupt", &Loop::request_interrupt)
+      .def_property_readonly("total_steps", &Loop::total_steps)
+      .def_static("live_count", &Loop::live_count);
 }

@@ -16,14 +16,25 @@ void raise_pending_signals() {
   py::gil_scoped_acquire gil;
   if (PyErr_CheckSignals() != 0) throw py::error_already_set();
 }
+
+[[noreturn]] void raise_keyboard_interrupt() {
+  py::gil_scoped_acquire gil;
+  PyErr_SetNone(PyExc_KeyboardInterrupt);
+  throw py::error_already_set();
+}
 }  // namespace
+
+std::atomic<int64_t> Loop::live_count_{0};
 
 Loop::Loop(std::shared_ptr<Dataset> dataset, std::shared_ptr<Step> step)
     : dataset_(std::move(dataset)), step_(std::move(step)) {
   TORCH_CHECK(dataset_ != nullptr, "Loop needs a dataset");
   TORCH_CHECK(step_ != nullptr, "Loop needs a step");
   loss_accumulator_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(dataset_->device()));
+  ++live_count_;
 }
+
+Loop::~Loop() { --live_count_; }
 
 WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
   TORCH_CHECK(max_steps >= 1, "max_steps must be >= 1, got ", max_steps);
@@ -34,6 +45,7 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
   {
     py::gil_scoped_release no_gil;
     loss_accumulator_.zero_();
+    interrupt_requested_.store(false);
     auto next_signal_check = start + kSignalCheckInterval;
     while (stats.steps < max_steps) {
       auto batch = dataset_->next_batch();
@@ -43,11 +55,12 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
       stats.samples += batch_samples;
       ++stats.steps;
       ++total_steps_;
-      const bool epoch_ended = dataset_->epoch_finished();
-      if (epoch_ended && stop_at_epoch_end) break;
+      if (interrupt_requested_.load()) raise_keyboard_interrupt();
+      if (stop_at_epoch_end && dataset_->epoch_finished()) break;
       const auto now = Clock::now();
       if (now >= next_signal_check) {
-        raise_pending_signals();
+        raise_pending_signals();  // runs Python's handlers, which may call request_interrupt()
+        if (interrupt_requested_.load()) raise_keyboard_interrupt();
         next_signal_check = now + kSignalCheckInterval;
       }
     }

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 
@@ -23,20 +24,31 @@ struct WindowStats {
 class Loop {
  public:
   Loop(std::shared_ptr<Dataset> dataset, std::shared_ptr<Step> step);
+  ~Loop();
+  Loop(const Loop&) = delete;
+  Loop& operator=(const Loop&) = delete;
 
   // Runs up to max_steps steps (crossing epoch ends), or until the current epoch ends when
   // stop_at_epoch_end is set. Must be called with the GIL held; releases it while training and
   // re-takes it every few milliseconds only to check for Ctrl-C.
   WindowStats run(int64_t max_steps, bool stop_at_epoch_end);
 
+  // Asks a running window to stop with KeyboardInterrupt after the step in progress (safe from a
+  // signal handler: it only sets a flag).
+  void request_interrupt() { interrupt_requested_.store(true); }
+
   Dataset& dataset() { return *dataset_; }
   int64_t total_steps() const { return total_steps_; }
+  // Loops alive in this process (lets tests prove that closing a stream frees its native state).
+  static int64_t live_count() { return live_count_.load(); }
 
  private:
   std::shared_ptr<Dataset> dataset_;
   std::shared_ptr<Step> step_;
   at::Tensor loss_accumulator_;
   int64_t total_steps_ = 0;
+  std::atomic<bool> interrupt_requested_{false};
+  static std::atomic<int64_t> live_count_;
 };
 
 }  // namespace hotloop

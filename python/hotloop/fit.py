@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -166,10 +169,11 @@ def _run(
         while True:
             model.train()
             started = time.perf_counter()
-            if every is None:
-                stats = loop.run(dataset.batches_per_epoch, True)
-            else:
-                stats = loop.run(every, False)
+            with _interrupt_at_step_boundary(loop):
+                if every is None:
+                    stats = loop.run(dataset.batches_per_epoch, True)
+                else:
+                    stats = loop.run(every, False)
             elapsed = time.perf_counter() - started
             step += 1
             yield Event(
@@ -185,3 +189,23 @@ def _run(
             )
     finally:
         del loop, dataset, choice
+
+
+@contextmanager
+def _interrupt_at_step_boundary(loop: Any) -> Iterator[None]:
+    """Turn Ctrl-C during a window into a KeyboardInterrupt raised between two steps, never inside one.
+
+    Only Python's default SIGINT handler is replaced, and only from the main thread; a handler the user
+    installed runs as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: loop.request_interrupt())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

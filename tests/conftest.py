@@ -1,0 +1,96 @@
+"""Shared fixtures: the plain PyTorch loop every engine is compared against."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+
+def plain_loop_losses(
+    train_data: Sequence[torch.Tensor],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    batch_size: int,
+    steps: int,
+    every: int | None = None,
+    shuffle: bool = True,
+    last_label: bool = True,
+    drop_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """Train like fitstream's epoch_stream (forward, loss, zero_grad, backward, step) for `steps` steps.
+
+    Returns the sample-weighted mean loss of each window: each epoch when `every` is None, else each run
+    of `every` steps (windows cross epoch ends).
+    """
+    n = train_data[0].shape[0]
+    windows: list[float] = []
+    total, samples, in_window, done = 0.0, 0, 0, 0
+    while done < steps:
+        model.train()
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        chunks = list(order.split(batch_size))
+        if drop_last and chunks[-1].numel() < batch_size:
+            chunks.pop()
+        for index in chunks:
+            batch = [t[index] for t in train_data]
+            if last_label:
+                *inputs, labels = batch
+                loss = loss_fn(model(*inputs), labels)
+            else:
+                loss = loss_fn(model(*batch))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * index.numel()
+            samples += index.numel()
+            in_window += 1
+            done += 1
+            if every is not None and in_window == every:
+                windows.append(total / samples)
+                total, samples, in_window = 0.0, 0, 0
+            if done == steps:
+                break
+        if every is None:
+            windows.append(total / samples)
+            total, samples = 0.0, 0
+    return windows
+
+
+def assert_same_state(model: nn.Module, reference: nn.Module, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def assert_same_optimizer_state(
+    optimizer: torch.optim.Optimizer, reference: torch.optim.Optimizer, rtol: float = 1e-5, atol: float = 1e-7
+) -> None:
+    ours, theirs = optimizer.state_dict(), reference.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert ours["state"].keys() == theirs["state"].keys()
+    for index, state in ours["state"].items():
+        assert state.keys() == theirs["state"][index].keys()
+        for name, value in state.items():
+            other = theirs["state"][index][name]
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, other, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+            else:
+                assert value == other, name
+
+
+@pytest.fixture
+def twin() -> Callable[[nn.Module], nn.Module]:
+    """Deep copy of a freshly built model, so hotloop and the plain loop start from identical weights."""
+    return copy.deepcopy
+
+
+def mlp(inputs: int = 16, hidden: int = 32, outputs: int = 1) -> nn.Module:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
