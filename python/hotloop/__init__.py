@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from .batching import iter_batches
 from .engines import SlowPathWarning
+from .evaluation import BestModel, best_model, evaluate, validation_loss
 from .events import Event
 from .fit import FitStream, epoch_stream, fit
+from .plotting import LivePlot, live_plot, plot_history
+from .sinks import collect, collect_csv, collect_jsonl, collect_pd, tensorboard
+from .stages import augment, early_stop, ema, pipe, print_keys, progress, take, tap, tick
 
 __version__ = "0.1.0"
 
@@ -19,4 +23,26 @@ __all__ = [
     "epoch_stream",
     "fit",
     "iter_batches",
+    # stream toolkit
+    "BestModel",
+    "LivePlot",
+    "augment",
+    "best_model",
+    "collect",
+    "collect_csv",
+    "collect_jsonl",
+    "collect_pd",
+    "early_stop",
+    "ema",
+    "evaluate",
+    "live_plot",
+    "pipe",
+    "plot_history",
+    "print_keys",
+    "progress",
+    "take",
+    "tap",
+    "tensorboard",
+    "tick",
+    "validation_loss",
 ]
