@@ -138,8 +138,9 @@ def collect_csv(
 ) -> None:
     """Write ``events`` as CSV to ``dest`` (a path, overwritten, or a text file), one row per event.
 
-    The header is the union of the (filtered) keys in the order they are first seen, so the whole stream
-    is read before anything is written; an event without a column leaves its cell empty. ``model`` is
+    The header is the union of the (filtered) keys in the order they are first seen (in ``include``'s
+    order when given), so the whole stream is read before anything is written; an event without a
+    column leaves its cell empty. ``model`` is
     dropped and ``include``/``exclude`` filter as in :func:`collect`. Single-element tensors are written
     as numbers, other values with ``str``.
 
@@ -157,15 +158,17 @@ def collect_csv(
     rows = [
         {key: _cell(value) for key, value in _select(event, include, exclude).items()} for event in events
     ]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if include is not None:
+        columns = [key for key in dict.fromkeys(include) if key in columns]
     if isinstance(dest, (str, os.PathLike)):
         with Path(dest).open("w", newline="") as handle:
-            _write_csv(rows, handle)
+            _write_csv(rows, columns, handle)
     else:
-        _write_csv(rows, dest)
+        _write_csv(rows, columns, dest)
 
 
-def _write_csv(rows: list[dict[str, Any]], handle: TextIO) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+def _write_csv(rows: list[dict[str, Any]], columns: list[str], handle: TextIO) -> None:
     writer = csv.DictWriter(handle, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
