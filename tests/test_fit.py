@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import signal
 import subprocess
@@ -228,6 +229,7 @@ def test_exceptions_in_the_loss_propagate_and_a_new_fit_works():
 
 
 def test_closing_the_stream_frees_the_native_loop():
+    gc.collect()
     baseline = _C.Loop.live_count()
     data, model, optimizer, loss_fn, _ = regression()
     stream = hotloop.fit(data, model, optimizer, loss_fn, batch_size=32, engine=ENGINE)
@@ -278,3 +280,14 @@ def run_ctrl_c(engine: str) -> list[str]:
 
 def test_ctrl_c_stops_a_window_promptly():
     run_ctrl_c(ENGINE)
+
+
+def test_dropping_the_stream_frees_the_native_loop_without_gc():
+    gc.collect()
+    baseline = _C.Loop.live_count()
+    data, model, optimizer, loss_fn, _ = regression()
+    stream = hotloop.fit(data, model, optimizer, loss_fn, batch_size=32, engine=ENGINE)
+    next(stream)
+    assert _C.Loop.live_count() == baseline + 1
+    del stream
+    assert _C.Loop.live_count() == baseline

@@ -19,20 +19,46 @@ from .events import Event
 
 
 class FitStream(Iterator[Event]):
-    """The infinite event stream returned by :func:`fit`. Iterate it; ``close()`` frees the native state."""
+    """The infinite event stream returned by :func:`fit`.
 
-    def __init__(self, run: Iterator[Event]) -> None:
-        self._run = run
+    Iterate it like a generator; ``close()`` stops training and frees the native state;
+    ``state_dict()`` after an event captures what ``fit(..., resume=state)`` needs to continue the run
+    exactly, in this process or another.
+    """
+
+    def __init__(self, start: Callable[[], _Session]) -> None:
+        # The session lives in a holder the generator shares, so the stream and its generator form no
+        # reference cycle: dropping the last reference to the stream frees the native state at once.
+        self._holder: list[_Session] = []
+        self._events = _generate(start, self._holder)
 
     def __iter__(self) -> FitStream:
         return self
 
     def __next__(self) -> Event:
-        return next(self._run)
+        return next(self._events)
 
     def close(self) -> None:
         """Stop training and free the native loop, its dataset copy and buffers."""
-        self._run.close()
+        self._events.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume after the last event: model, optimizer, data order, RNG, counters.
+
+        Save it with ``torch.save``; pass it back as ``fit(..., resume=state)`` with the same data and
+        options to get bit-identical events and weights to an uninterrupted run.
+        """
+        if not self._holder:
+            raise RuntimeError("state_dict() needs at least one event: the stream has not started")
+        return self._holder[0].state_dict()
+
+
+def _generate(start: Callable[[], _Session], holder: list[_Session]) -> Iterator[Event]:
+    holder.append(start())
+    try:
+        yield from holder[0].events()
+    finally:
+        holder[0].release()
 
 
 def fit(
@@ -51,6 +77,7 @@ def fit(
     drop_last: bool = False,
     engine: str = "auto",
     device: str | torch.device | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
 
@@ -76,6 +103,8 @@ def fit(
         drop_last: Skip the smaller last batch of each epoch.
         engine: ``"auto"`` (fastest that works), ``"graph"``, ``"native"`` or ``"python"``.
         device: Copy ``train_data`` to this device once before training (it must be the model's).
+        resume: A :meth:`FitStream.state_dict` to continue from: loads the model and optimizer state,
+            the data order, the random generators and the counters.
 
     Events also carry ``epoch`` (epochs completed), ``updates`` (optimizer steps so far),
     ``samples_per_sec`` and ``engine``. Nothing runs, and bad arguments are not reported, until the
@@ -93,102 +122,177 @@ def fit(
         >>> event["step"], event["train_loss"], event["updates"]
         (1, 2.5, 1)
     """
-    return FitStream(
-        _run(
-            train_data, model, optimizer, loss_fn, batch_size=batch_size, shuffle=shuffle,
-            last_label=last_label, generator=generator, extra=extra, step_offset=step_offset,
-            every=every, drop_last=drop_last, engine=engine, device=device,
-        )
+    options = dict(
+        batch_size=batch_size, shuffle=shuffle, last_label=last_label, generator=generator, extra=extra,
+        step_offset=step_offset, every=every, drop_last=drop_last, engine=engine, device=device, resume=resume,
     )
+    return FitStream(lambda: _Session(train_data, model, optimizer, loss_fn, **options))
 
 
 epoch_stream = fit
 
+_STATE_VERSION = 1
 
-def _run(
-    train_data: Sequence[torch.Tensor],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[..., torch.Tensor],
-    *,
-    batch_size: int,
-    shuffle: bool,
-    last_label: bool,
-    generator: torch.Generator | None,
-    extra: Mapping[str, Any] | None,
-    step_offset: int,
-    every: int | None,
-    drop_last: bool,
-    engine: str,
-    device: str | torch.device | None,
-) -> Iterator[Event]:
-    check.check_int("batch_size", batch_size, minimum=1)
-    check.check_bool("shuffle", shuffle)
-    check.check_bool("last_label", last_label)
-    check.check_bool("drop_last", drop_last)
-    check.check_int("step_offset", step_offset)
-    if every is not None:
-        check.check_int("every", every, minimum=1)
-    check.check_choice("engine", engine, ENGINES)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-    check.check_optimizer(optimizer, model)
-    check.check_callable("loss_fn", loss_fn)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if extra is not None and not isinstance(extra, Mapping):
-        raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
-    tensors = check.check_tensors("train_data", train_data, last_label=last_label)
-    target = check.model_device(model)
-    if device is not None:
-        wanted = torch.device(device)
-        if wanted.type != target.type or (wanted.index is not None and wanted != target):
-            raise ValueError(f"device={wanted} differs from the model's device {target}; move the model first")
-        tensors = [t.to(target) for t in tensors]
-    if tensors[0].device != target:
-        raise ValueError(
-            f"train_data is on {tensors[0].device} but the model is on {target}; move the data "
-            f"(or pass device={str(target)!r} to copy it once)"
-        )
-    if generator is not None and generator.device.type != target.type:
-        raise ValueError(f"generator is on {generator.device} but train_data is on {target}")
-    if drop_last and batch_size > tensors[0].shape[0]:
-        raise ValueError(
-            f"drop_last=True with batch_size={batch_size} larger than the {tensors[0].shape[0]} samples "
-            "would leave no batch"
-        )
 
-    choice = choose_engine(engine, model, optimizer, loss_fn, last_label=last_label)
-    dataset = _C.Dataset(tensors, batch_size, shuffle, drop_last, generator, False)
-    loop = _C.Loop(dataset, choice.step)
-    extra = dict(extra or {})
-    step = step_offset
-    try:
+class _Session:
+    """One validated training run: the native loop, its dataset and the counters reported in events."""
+
+    def __init__(
+        self,
+        train_data: Sequence[torch.Tensor],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        last_label: bool,
+        generator: torch.Generator | None,
+        extra: Mapping[str, Any] | None,
+        step_offset: int,
+        every: int | None,
+        drop_last: bool,
+        engine: str,
+        device: str | torch.device | None,
+        resume: Mapping[str, Any] | None,
+    ) -> None:
+        check.check_int("batch_size", batch_size, minimum=1)
+        check.check_bool("shuffle", shuffle)
+        check.check_bool("last_label", last_label)
+        check.check_bool("drop_last", drop_last)
+        check.check_int("step_offset", step_offset)
+        if every is not None:
+            check.check_int("every", every, minimum=1)
+        check.check_choice("engine", engine, ENGINES)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+        check.check_optimizer(optimizer, model)
+        check.check_callable("loss_fn", loss_fn)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if extra is not None and not isinstance(extra, Mapping):
+            raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+        if resume is not None:
+            _check_resume_state(resume)
+        tensors = check.check_tensors("train_data", train_data, last_label=last_label)
+        target = check.model_device(model)
+        if device is not None:
+            wanted = torch.device(device)
+            if wanted.type != target.type or (wanted.index is not None and wanted != target):
+                raise ValueError(f"device={wanted} differs from the model's device {target}; move the model first")
+            tensors = check.place_on_device(tensors, target)
+        if tensors[0].device != target:
+            raise ValueError(
+                f"train_data is on {tensors[0].device} but the model is on {target}; move the data "
+                f"(or pass device={str(target)!r} to copy it once)"
+            )
+        if generator is not None and generator.device.type != target.type:
+            raise ValueError(f"generator is on {generator.device} but train_data is on {target}")
+        if drop_last and batch_size > tensors[0].shape[0]:
+            raise ValueError(
+                f"drop_last=True with batch_size={batch_size} larger than the {tensors[0].shape[0]} samples "
+                "would leave no batch"
+            )
+
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.every = every
+        self.extra = dict(extra or {})
+        self.step = step_offset
+        self.updates_before = 0
+        self.choice = choose_engine(engine, model, optimizer, loss_fn, last_label=last_label)
+        self.dataset = _C.Dataset(tensors, batch_size, shuffle, drop_last, generator, False)
+        self.loop = _C.Loop(self.dataset, self.choice.step)
+        if resume is not None:
+            self._restore(resume)
+
+    def events(self) -> Iterator[Event]:
         while True:
-            model.train()
+            self.model.train()
             started = time.perf_counter()
-            with _interrupt_at_step_boundary(loop):
-                if every is None:
-                    stats = loop.run(dataset.batches_per_epoch, True)
+            with _interrupt_at_step_boundary(self.loop):
+                if self.every is None:
+                    stats = self.loop.run(self.dataset.batches_per_epoch, True)
                 else:
-                    stats = loop.run(every, False)
+                    stats = self.loop.run(self.every, False)
             elapsed = time.perf_counter() - started
-            step += 1
+            self.step += 1
             yield Event(
-                model=model,
-                step=step,
+                model=self.model,
+                step=self.step,
                 train_loss=stats.loss_sum / stats.samples,
                 train_time_sec=elapsed,
-                **extra,
-                epoch=dataset.epochs_completed,
-                updates=loop.total_steps,
+                **self.extra,
+                epoch=self.dataset.epochs_completed,
+                updates=self.updates_before + self.loop.total_steps,
                 samples_per_sec=stats.samples / elapsed if elapsed > 0 else float("inf"),
-                engine=choice.name,
+                engine=self.choice.name,
             )
-    finally:
-        del loop, dataset, choice
+
+    def release(self) -> None:
+        self.loop = self.dataset = self.choice = None  # type: ignore[assignment]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.loop is None:
+            raise RuntimeError("state_dict() is not available after the stream was closed")
+        order = self.dataset.epoch_order
+        return {
+            "version": _STATE_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "updates": self.updates_before + self.loop.total_steps,
+            "epochs_completed": self.dataset.epochs_completed,
+            "batch_index": self.dataset.batch_index,
+            "epoch_order": order.cpu() if self.dataset.batch_index > 0 else None,
+            "num_samples": self.dataset.num_samples,
+            "generator": self.generator.get_state() if self.generator is not None else None,
+            "rng": _rng_states(),
+        }
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        if state["num_samples"] != self.dataset.num_samples:
+            raise ValueError(
+                f"resume state was saved for {state['num_samples']} samples, but train_data has "
+                f"{self.dataset.num_samples}"
+            )
+        if state["batch_index"] >= self.dataset.batches_per_epoch:
+            raise ValueError("resume state does not match batch_size/drop_last of this fit() call")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["generator"] is None) != (self.generator is None):
+            raise ValueError("resume state and this fit() call disagree on whether a generator is given")
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+        _set_rng_states(state["rng"])
+        order = state["epoch_order"]
+        self.dataset.restore(order if order is not None else torch.empty(0, dtype=torch.long),
+                             state["batch_index"], state["epochs_completed"])
+        self.step = state["step"]
+        self.updates_before = state["updates"]
+
+
+def _check_resume_state(state: Any) -> None:
+    required = {"version", "model", "optimizer", "step", "updates", "epochs_completed", "batch_index",
+                "epoch_order", "num_samples", "generator", "rng"}
+    if not isinstance(state, Mapping) or not required <= set(state):
+        raise TypeError("resume must be the dict returned by FitStream.state_dict()")
+    if state["version"] != _STATE_VERSION:
+        raise ValueError(f"resume state has version {state['version']}, this hotloop reads {_STATE_VERSION}")
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 @contextmanager

@@ -90,3 +90,15 @@ def check_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
                     "parameter of model; build the optimizer from model.parameters()"
                 )
     return optimizer
+
+
+def place_on_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Copy the data once to ``device``, turning an out-of-memory error into one that tells the sizes."""
+    try:
+        return [t.to(device) for t in tensors]
+    except torch.OutOfMemoryError as exc:
+        sizes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
+        total = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+        raise torch.OutOfMemoryError(
+            f"train_data ({total:.1f} MiB: {sizes}) does not fit on {device}: {exc}"
+        ) from exc
