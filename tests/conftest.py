@@ -67,7 +67,9 @@ def assert_same_state(model: nn.Module, reference: nn.Module, rtol: float = 1e-5
     ours, theirs = model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(
+            ours[key], theirs[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}"
+        )
 
 
 def assert_same_optimizer_state(
@@ -81,7 +83,9 @@ def assert_same_optimizer_state(
         for name, value in state.items():
             other = theirs["state"][index][name]
             if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(value, other, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(
+                    value, other, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+                )
             else:
                 assert value == other, name
 

@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 import hotloop
+import torch
 from hotloop import _build_info
 from hotloop._native import _C
 
@@ -27,7 +26,11 @@ def test_mismatched_torch_raises_import_error_naming_both_versions():
     )
     env_path = str(Path(hotloop.__file__).parents[1])
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env={"PYTHONPATH": env_path}, check=True
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": env_path},
+        check=True,
     ).stdout
     assert f"built against torch {torch.__version__}" in out
     assert "0.0.1-other" in out

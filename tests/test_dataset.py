@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hotloop import iter_batches
+from hotloop._native import _C
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotloop import iter_batches
-from hotloop._native import _C
 
-
-def native_epochs(tensors, batch_size, *, shuffle=True, drop_last=False, generator=None, epochs=1, reuse=False):
+def native_epochs(
+    tensors, batch_size, *, shuffle=True, drop_last=False, generator=None, epochs=1, reuse=False
+):
     dataset = _C.Dataset(tensors, batch_size, shuffle, drop_last, generator, reuse)
     out = []
     for _ in range(epochs * dataset.batches_per_epoch):
@@ -29,7 +30,7 @@ def test_shuffled_batches_follow_randperm_split_each_epoch():
         for index in torch.randperm(23, generator=reference).split(5):
             expected.append([x[index], y[index]])
     assert len(batches) == len(expected) == 15
-    for got, want in zip(batches, expected):
+    for got, want in zip(batches, expected, strict=True):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -50,7 +51,11 @@ def test_matches_iter_batches():
 
 def test_unshuffled_keeps_order_and_drop_last_skips_the_tail():
     y = torch.arange(10)
-    assert [b[0].tolist() for b in native_epochs([y], 4, shuffle=False)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b[0].tolist() for b in native_epochs([y], 4, shuffle=False)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+    ]
     assert [b[0].tolist() for b in native_epochs([y], 4, shuffle=False, drop_last=True)] == [
         [0, 1, 2, 3],
         [4, 5, 6, 7],
@@ -68,8 +73,10 @@ def test_any_dtypes_and_shapes_stay_aligned():
     n = 12
     ids = torch.arange(n)
     images = ids.view(n, 1, 1, 1).expand(n, 1, 2, 2).to(torch.float16)
-    flags = (ids % 2 == 0)
-    for ids_b, img_b, flag_b in native_epochs([ids, images, flags], 5, generator=torch.Generator().manual_seed(0)):
+    flags = ids % 2 == 0
+    for ids_b, img_b, flag_b in native_epochs(
+        [ids, images, flags], 5, generator=torch.Generator().manual_seed(0)
+    ):
         assert torch.equal(img_b[:, 0, 0, 0].long(), ids_b)
         assert torch.equal(flag_b, ids_b % 2 == 0)
         assert img_b.dtype == torch.float16 and flag_b.dtype == torch.bool

@@ -12,13 +12,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import hotloop
 import pytest
 import torch
 from conftest import assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses
-from torch import nn
-
-import hotloop
 from hotloop._native import _C
+from torch import nn
 
 ENGINE = "python"
 
@@ -49,14 +48,26 @@ def classifier():
     torch.manual_seed(1)
     x, y = torch.randn(150, 20), torch.randint(0, 4, (150,))
     model = mlp(20, 32, 4)
-    return (x, y), model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(), True
+    return (
+        (x, y),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        nn.CrossEntropyLoss(),
+        True,
+    )
 
 
 def multi_input():
     torch.manual_seed(2)
     x, ids, y = torch.randn(120, 5), torch.randint(0, 10, (120,)), torch.randint(0, 3, (120,))
     model = TwoInputs()
-    return (x, ids, y), model, torch.optim.Adam(model.parameters(), lr=1e-2), nn.functional.cross_entropy, True
+    return (
+        (x, ids, y),
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        nn.functional.cross_entropy,
+        True,
+    )
 
 
 def unlabelled():
@@ -66,7 +77,12 @@ def unlabelled():
     return (x,), model, torch.optim.SGD(model.parameters(), lr=0.05), autoencoder_loss, False
 
 
-WORKLOADS = {"regression": regression, "classifier": classifier, "multi_input": multi_input, "unlabelled": unlabelled}
+WORKLOADS = {
+    "regression": regression,
+    "classifier": classifier,
+    "multi_input": multi_input,
+    "unlabelled": unlabelled,
+}
 
 
 def run_both(workload, *, batch_size=16, epochs=3, every=None, **options):
@@ -77,14 +93,30 @@ def run_both(workload, *, batch_size=16, epochs=3, every=None, **options):
     per_epoch = n // batch_size if options.get("drop_last") else -(-n // batch_size)
     steps = epochs * per_epoch if every is None else epochs * every
     stream = hotloop.fit(
-        data, model, optimizer, loss_fn, batch_size=batch_size, last_label=last_label,
-        generator=torch.Generator().manual_seed(5), every=every, engine=ENGINE, **options,
+        data,
+        model,
+        optimizer,
+        loss_fn,
+        batch_size=batch_size,
+        last_label=last_label,
+        generator=torch.Generator().manual_seed(5),
+        every=every,
+        engine=ENGINE,
+        **options,
     )
     events = [next(stream) for _ in range(epochs)]
     stream.close()
     expected = plain_loop_losses(
-        data, reference, ref_optimizer, loss_fn, batch_size=batch_size, steps=steps, every=every,
-        last_label=last_label, generator=torch.Generator().manual_seed(5), **options,
+        data,
+        reference,
+        ref_optimizer,
+        loss_fn,
+        batch_size=batch_size,
+        steps=steps,
+        every=every,
+        last_label=last_label,
+        generator=torch.Generator().manual_seed(5),
+        **options,
     )
     return events, expected, (model, optimizer), (reference, ref_optimizer)
 
@@ -115,8 +147,9 @@ def test_unshuffled_and_drop_last():
 
 def test_event_keys_and_counters():
     data, model, optimizer, loss_fn, _ = regression()
-    stream = hotloop.fit(data, model, optimizer, loss_fn, batch_size=50, step_offset=10, extra={"run": "a"},
-                         engine=ENGINE)
+    stream = hotloop.fit(
+        data, model, optimizer, loss_fn, batch_size=50, step_offset=10, extra={"run": "a"}, engine=ENGINE
+    )
     first, second = next(stream), next(stream)
     assert isinstance(first, hotloop.Event)
     assert first["model"] is model
@@ -172,9 +205,17 @@ def _bad(**overrides):
 
 other = mlp()
 BAD_INPUTS = [
-    (dict(train_data=(torch.randn(10, 16), torch.randn(9, 1))), ValueError, "train_data\\[0\\] has 10, train_data\\[1\\] has 9"),
+    (
+        dict(train_data=(torch.randn(10, 16), torch.randn(9, 1))),
+        ValueError,
+        "train_data\\[0\\] has 10, train_data\\[1\\] has 9",
+    ),
     (dict(train_data=(torch.randn(0, 16), torch.randn(0, 1))), ValueError, "zero samples"),
-    (dict(train_data=(torch.randn(10, 16), [1.0] * 10)), TypeError, "train_data\\[1\\] must be a torch.Tensor"),
+    (
+        dict(train_data=(torch.randn(10, 16), [1.0] * 10)),
+        TypeError,
+        "train_data\\[1\\] must be a torch.Tensor",
+    ),
     (dict(train_data=torch.randn(10, 16)), TypeError, "train_data must be a tuple or list of tensors"),
     (dict(train_data=()), ValueError, "train_data must contain at least one tensor"),
     (dict(train_data=(torch.randn(10, 16),)), ValueError, "last_label=True requires at least two tensors"),
@@ -225,7 +266,9 @@ def test_exceptions_in_the_loss_propagate_and_a_new_fit_works():
 
     with pytest.raises(RuntimeError, match="loss exploded"):
         next(hotloop.fit(data, model, optimizer, broken, engine=ENGINE))
-    assert next(hotloop.fit(data, model, optimizer, nn.MSELoss(), batch_size=32, engine=ENGINE))["updates"] == 7
+    assert (
+        next(hotloop.fit(data, model, optimizer, nn.MSELoss(), batch_size=32, engine=ENGINE))["updates"] == 7
+    )
 
 
 def test_closing_the_stream_frees_the_native_loop():
@@ -265,7 +308,9 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 def run_ctrl_c(engine: str) -> list[str]:
     env = dict(os.environ, PYTHONPATH=str(Path(hotloop.__file__).parents[1]))
-    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, engine], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT, engine], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(1.0)
     sent = time.perf_counter()
@@ -291,3 +336,55 @@ def test_dropping_the_stream_frees_the_native_loop_without_gc():
     assert _C.Loop.live_count() == baseline + 1
     del stream
     assert _C.Loop.live_count() == baseline
+
+
+def test_integer_features_for_linear_are_reported_with_the_tensor_named():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = (torch.randint(0, 5, (20, 16)), torch.randn(20, 1))
+    with pytest.raises(
+        TypeError, match=r"train_data\[0\] is torch.int64 but the model's Linear layers expect"
+    ):
+        next(hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=4))
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.functional.cross_entropy])
+def test_float_labels_for_cross_entropy_are_reported(loss_fn):
+    model = mlp(16, 8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = (torch.randn(20, 16), torch.randint(0, 3, (20,)).float())
+    with pytest.raises(TypeError, match="cross-entropy with class indices expects int64 labels"):
+        next(hotloop.fit(data, model, opt, loss_fn, batch_size=4))
+
+
+def test_wrong_shapes_keep_torch_error_with_context():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        next(hotloop.fit((torch.randn(20, 7), torch.randn(20, 1)), model, opt, nn.MSELoss(), batch_size=4))
+
+
+def test_loss_that_is_not_a_scalar_is_rejected():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="single-value tensor"):
+        next(
+            hotloop.fit(
+                (torch.randn(20, 16), torch.randn(20, 1)),
+                model,
+                opt,
+                nn.MSELoss(reduction="none"),
+                batch_size=4,
+            )
+        )
+
+
+def test_first_batch_check_leaves_buffers_and_rng_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    reference = copy.deepcopy(model)
+    data = [torch.randn(8, 4), torch.randn(8)]
+    rng = torch.get_rng_state()
+    hotloop.validation.check_first_batch(model, lambda p, y: p.mean(), data, batch_size=8, last_label=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_same_state(model, reference, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""Resume: a run saved after event k and resumed in a new process is bit-identical to the uninterrupted run."""
+"""Resume: a run saved after event k and resumed in a new process matches the uninterrupted run bitwise."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import hotloop
 import pytest
 import torch
 from torch import nn
-
-import hotloop
 
 SCRIPT = textwrap.dedent(
     """
@@ -45,7 +44,8 @@ def run(mode: str, state: Path, out: Path, engine: str, with_generator: bool) ->
     env = {"PYTHONPATH": str(Path(hotloop.__file__).parents[1])}
     subprocess.run(
         [sys.executable, "-c", SCRIPT, mode, str(state), str(out), engine, str(int(with_generator))],
-        check=True, env=env,
+        check=True,
+        env=env,
     )
     return torch.load(out, weights_only=False)
 
@@ -65,8 +65,12 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, with_generator):
 
 def test_state_dict_before_the_first_event_is_an_error():
     model = nn.Linear(2, 1)
-    stream = hotloop.fit((torch.randn(4, 2), torch.randn(4, 1)), model, torch.optim.SGD(model.parameters(), lr=0.1),
-                         nn.MSELoss())
+    stream = hotloop.fit(
+        (torch.randn(4, 2), torch.randn(4, 1)),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.MSELoss(),
+    )
     with pytest.raises(RuntimeError, match="has not started"):
         stream.state_dict()
 
@@ -74,10 +78,16 @@ def test_state_dict_before_the_first_event_is_an_error():
 def test_resume_rejects_a_state_for_other_data():
     model = nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stream = hotloop.fit((torch.randn(8, 2), torch.randn(8, 1)), model, opt, nn.MSELoss(), batch_size=2, every=1)
+    stream = hotloop.fit(
+        (torch.randn(8, 2), torch.randn(8, 1)), model, opt, nn.MSELoss(), batch_size=2, every=1
+    )
     next(stream)
     state = stream.state_dict()
     with pytest.raises(ValueError, match="saved for 8 samples, but train_data has 6"):
-        next(hotloop.fit((torch.randn(6, 2), torch.randn(6, 1)), model, opt, nn.MSELoss(), batch_size=2, resume=state))
+        next(
+            hotloop.fit(
+                (torch.randn(6, 2), torch.randn(6, 1)), model, opt, nn.MSELoss(), batch_size=2, resume=state
+            )
+        )
     with pytest.raises(TypeError, match="resume must be the dict returned by FitStream.state_dict"):
         next(hotloop.fit((torch.randn(6, 2), torch.randn(6, 1)), model, opt, nn.MSELoss(), resume={"a": 1}))

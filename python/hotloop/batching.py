@@ -29,7 +29,7 @@ def iter_batches(
     if not tensors:
         return
     if not shuffle:
-        yield from zip(*(tensor.split(batch_size) for tensor in tensors))
+        yield from zip(*(tensor.split(batch_size) for tensor in tensors), strict=True)
         return
     order = torch.randperm(tensors[0].shape[0], device=tensors[0].device, generator=generator)
     for index in order.split(batch_size):

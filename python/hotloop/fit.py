@@ -1,4 +1,4 @@
-"""fit(): fitstream's epoch_stream with a native inner loop. Validates lazily, then yields one Event per window."""
+"""fit(): fitstream's epoch_stream with a native inner loop; validates lazily, yields an Event per window."""
 
 from __future__ import annotations
 
@@ -123,8 +123,17 @@ def fit(
         (1, 2.5, 1)
     """
     options = dict(
-        batch_size=batch_size, shuffle=shuffle, last_label=last_label, generator=generator, extra=extra,
-        step_offset=step_offset, every=every, drop_last=drop_last, engine=engine, device=device, resume=resume,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        last_label=last_label,
+        generator=generator,
+        extra=extra,
+        step_offset=step_offset,
+        every=every,
+        drop_last=drop_last,
+        engine=engine,
+        device=device,
+        resume=resume,
     )
     return FitStream(lambda: _Session(train_data, model, optimizer, loss_fn, **options))
 
@@ -181,7 +190,9 @@ class _Session:
         if device is not None:
             wanted = torch.device(device)
             if wanted.type != target.type or (wanted.index is not None and wanted != target):
-                raise ValueError(f"device={wanted} differs from the model's device {target}; move the model first")
+                raise ValueError(
+                    f"device={wanted} differs from the model's device {target}; move the model first"
+                )
             tensors = check.place_on_device(tensors, target)
         if tensors[0].device != target:
             raise ValueError(
@@ -195,6 +206,8 @@ class _Session:
                 f"drop_last=True with batch_size={batch_size} larger than the {tensors[0].shape[0]} samples "
                 "would leave no batch"
             )
+
+        check.check_first_batch(model, loss_fn, tensors, batch_size=batch_size, last_label=last_label)
 
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self.every = every
@@ -267,15 +280,29 @@ class _Session:
             self.generator.set_state(state["generator"])
         _set_rng_states(state["rng"])
         order = state["epoch_order"]
-        self.dataset.restore(order if order is not None else torch.empty(0, dtype=torch.long),
-                             state["batch_index"], state["epochs_completed"])
+        self.dataset.restore(
+            order if order is not None else torch.empty(0, dtype=torch.long),
+            state["batch_index"],
+            state["epochs_completed"],
+        )
         self.step = state["step"]
         self.updates_before = state["updates"]
 
 
 def _check_resume_state(state: Any) -> None:
-    required = {"version", "model", "optimizer", "step", "updates", "epochs_completed", "batch_index",
-                "epoch_order", "num_samples", "generator", "rng"}
+    required = {
+        "version",
+        "model",
+        "optimizer",
+        "step",
+        "updates",
+        "epochs_completed",
+        "batch_index",
+        "epoch_order",
+        "num_samples",
+        "generator",
+        "rng",
+    }
     if not isinstance(state, Mapping) or not required <= set(state):
         raise TypeError("resume must be the dict returned by FitStream.state_dict()")
     if state["version"] != _STATE_VERSION:

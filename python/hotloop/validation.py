@@ -65,7 +65,8 @@ def check_tensors(name: str, data: Any, *, last_label: bool) -> list[torch.Tenso
     for i, device in enumerate(devices):
         if device != devices[0]:
             raise ValueError(
-                f"{name} tensors must be on one device: {name}[0] is on {devices[0]}, {name}[{i}] is on {device}"
+                f"{name} tensors must be on one device: {name}[0] is on {devices[0]}, "
+                f"{name}[{i}] is on {device}"
             )
     return tensors
 
@@ -102,3 +103,93 @@ def place_on_device(tensors: list[torch.Tensor], device: torch.device) -> list[t
         raise torch.OutOfMemoryError(
             f"train_data ({total:.1f} MiB: {sizes}) does not fit on {device}: {exc}"
         ) from exc
+
+
+def check_first_batch(
+    model: nn.Module,
+    loss_fn: Callable[..., Any],
+    tensors: list[torch.Tensor],
+    *,
+    batch_size: int,
+    last_label: bool,
+) -> None:
+    """Run the model and loss once on the first batch, without side effects, so that wrong dtypes or shapes
+    fail before training with a message that names the offending tensor.
+
+    Buffers are swapped for copies and the random generators are restored, so the run that follows is
+    exactly the run that would have happened without this check.
+    """
+    count = min(batch_size, tensors[0].shape[0])
+    batch = [t[:count] for t in tensors]
+    inputs, labels = (batch[:-1], batch[-1]) if last_label else (batch, None)
+    state = {name: p for name, p in model.named_parameters()}
+    state.update({name: b.clone() for name, b in model.named_buffers()})
+    devices = [t.device for t in tensors if t.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices[:1]), torch.no_grad():
+        was_training = model.training
+        model.train()
+        try:
+            try:
+                pred = torch.func.functional_call(model, state, tuple(inputs))
+            except Exception as exc:
+                raise _explain(exc, "model(*inputs)", _input_hint(model, inputs)) from exc
+            try:
+                loss = loss_fn(pred, labels) if last_label else loss_fn(pred)
+            except Exception as exc:
+                raise _explain(
+                    exc,
+                    "loss_fn(pred, labels)" if last_label else "loss_fn(pred)",
+                    _label_hint(loss_fn, pred, labels),
+                ) from exc
+        finally:
+            model.train(was_training)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a single-value tensor (the batch's mean loss), got {shape}")
+    if not loss.dtype.is_floating_point:
+        raise TypeError(f"loss_fn must return a floating-point loss, got {loss.dtype}")
+
+
+def _describe(tensors: Sequence[torch.Tensor], offset: int = 0) -> str:
+    return ", ".join(f"train_data[{offset + i}]: {t.dtype} {tuple(t.shape)}" for i, t in enumerate(tensors))
+
+
+def _explain(exc: Exception, call: str, hint: str | None) -> Exception:
+    message = f"{call} failed on the first batch of train_data: {exc}"
+    if hint:
+        return TypeError(f"{message}\n{hint}")
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"hotloop: {call} failed on the first batch of train_data")
+    return exc
+
+
+def _input_hint(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | None:
+    float_params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    if not float_params:
+        return None
+    layers = [
+        type(m).__name__ for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
+    for i, tensor in enumerate(inputs):
+        if not tensor.dtype.is_floating_point and not tensor.dtype.is_complex and layers:
+            return (
+                f"train_data[{i}] is {tensor.dtype} but the model's {layers[0]} layers expect floating-point "
+                f"features ({float_params[0].dtype}); convert it with .float() (inputs: {_describe(inputs)})"
+            )
+    return None
+
+
+def _label_hint(loss_fn: Callable[..., Any], pred: Any, labels: torch.Tensor | None) -> str | None:
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__).lower()
+    if labels is None or not isinstance(pred, torch.Tensor):
+        return None
+    if (
+        "crossentropy" in name or "cross_entropy" in name or "nll" in name
+    ) and labels.dim() == pred.dim() - 1:
+        if labels.dtype.is_floating_point:
+            return (
+                f"the labels (train_data[-1]) are {labels.dtype} {tuple(labels.shape)}, but cross-entropy "
+                "with "
+                "class indices expects int64 labels; convert them with .long()"
+            )
+    return None
