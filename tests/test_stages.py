@@ -376,6 +376,7 @@ class FakeTerminal(io.StringIO):
 
 
 def test_progress_is_silent_when_stderr_is_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
     events = [{"step": 1, "train_loss": 0.5}, {"step": 2, "train_loss": 0.25}]
     assert list(progress(total=2)(events)) == events
     captured = capsys.readouterr()
@@ -383,6 +384,7 @@ def test_progress_is_silent_when_stderr_is_not_a_terminal(capsys: pytest.Capture
 
 
 def test_progress_shows_a_bar_with_postfix_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tqdm")
     terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     events = [
@@ -398,6 +400,7 @@ def test_progress_shows_a_bar_with_postfix_on_a_terminal(monkeypatch: pytest.Mon
 
 
 def test_progress_closes_the_bar_when_the_stream_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tqdm")
     terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     stream = progress()(iter(steps(5)))
@@ -415,6 +418,7 @@ def test_progress_without_tqdm_names_the_install(monkeypatch: pytest.MonkeyPatch
 
 
 def test_progress_errors() -> None:
+    pytest.importorskip("tqdm")
     with pytest.raises(TypeError, match="total must be an int"):
         progress(total=2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="total must be >= 0"):
