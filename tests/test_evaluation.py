@@ -65,7 +65,7 @@ def test_evaluate_full_batch_matches_a_manual_forward() -> None:
     model.train()
     assert got == {
         "val_loss": nn.functional.cross_entropy(pred, y).item(),
-        "val_acc": (pred.argmax(-1) == y).float().mean().item(),
+        "val_acc": (pred.argmax(-1) == y).double().mean().item(),
     }
     assert all(isinstance(v, float) for v in got.values())
 

@@ -22,7 +22,7 @@ MetricFn = Callable[..., "torch.Tensor | float"]
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The fraction of correct predictions, as a 0-dim float tensor on ``pred``'s device (no sync).
+    """The fraction of correct predictions, as a 0-dim float64 tensor on ``pred``'s device (no sync).
 
     - Several outputs per sample (``pred`` of shape ``(..., C)`` with ``C > 1``): the class is
       ``pred.argmax(-1)`` and ``labels`` holds class indices of shape ``pred.shape[:-1]``.
@@ -34,9 +34,9 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Example:
         >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, 1]))
-        tensor(0.6667)
-        >>> accuracy(torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
-        tensor(0.7500)
+        tensor(0.6667, dtype=torch.float64)
+        >>> accuracy(torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])).item()
+        0.75
     """
     if pred.dim() >= 2 and pred.shape[-1] > 1:
         if pred.shape[:-1] != labels.shape:
@@ -52,7 +52,8 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                 f"(shapes {tuple(labels.shape)} and {tuple(pred.shape)})"
             )
         hits = (pred.reshape(-1) > 0) == (labels.reshape(-1) != 0)
-    return hits.float().mean()
+    # float64 keeps k/n exact enough that batched and full-batch accuracies print alike (mps has no float64)
+    return hits.to(torch.float32 if hits.device.type == "mps" else torch.float64).mean()
 
 
 METRICS: dict[str, MetricFn] = {"accuracy": accuracy}
