@@ -18,14 +18,14 @@ from . import validation as check
 Transform = Callable[[Iterable[dict[str, Any]]], Iterable[dict[str, Any]]]
 
 
-def check_real(name: str, value: Any) -> float:
+def _check_real(name: str, value: Any) -> float:
     """A real number (``bool`` excluded), as ``float``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
 
 
-def check_str(name: str, value: Any) -> str:
+def _check_str(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     return value
@@ -176,10 +176,10 @@ def print_keys(
         step=0008 train_loss=0.30 lr=NA
     """
     for key in keys:
-        check_str("keys", key)
+        _check_str("keys", key)
     check.check_int("precision", precision)
     check.check_bool("include_step", include_step)
-    check_str("step_key", step_key)
+    _check_str("step_key", step_key)
     if precision < 0:
         raise ValueError("precision must be >= 0.")
     if not keys and not include_step:
@@ -231,13 +231,13 @@ def ema(
         >>> [e["smooth"] for e in ema("loss", decay=0.5, out_key="smooth", bias_correction=False)(events)]
         [2.0, 2.0, 2.0]
     """
-    check_str("key", key)
+    _check_str("key", key)
     if decay is not None:
-        decay = check_real("decay", decay)
+        decay = _check_real("decay", decay)
     if half_life is not None:
-        half_life = check_real("half_life", half_life)
+        half_life = _check_real("half_life", half_life)
     if out_key is not None:
-        check_str("out_key", out_key)
+        _check_str("out_key", out_key)
     check.check_bool("bias_correction", bias_correction)
     if (decay is None) == (half_life is None):
         raise ValueError("Provide exactly one of decay or half_life.")
@@ -278,13 +278,13 @@ def early_stop(
         >>> [e["val_loss"] for e in early_stop("val_loss", patience=2)({"val_loss": v} for v in losses)]
         [5.0, 4.0, 4.5, 4.2]
     """
-    check_str("key", key)
+    _check_str("key", key)
     check.check_int("patience", patience)
     if patience < 1:
         raise ValueError("patience must be >= 1.")
     if mode not in {"min", "max"}:
         raise ValueError("mode must be one of {'min', 'max'}.")
-    min_delta = check_real("min_delta", min_delta)
+    min_delta = _check_real("min_delta", min_delta)
     if not min_delta >= 0.0:
         raise ValueError("min_delta must be >= 0.")
 
@@ -335,9 +335,9 @@ def progress(
     if isinstance(keys, str) or not isinstance(keys, Sequence):
         raise TypeError(f"keys must be a sequence of str, got {type(keys).__name__}")
     for key in keys:
-        check_str("keys", key)
+        _check_str("keys", key)
     if desc is not None:
-        check_str("desc", desc)
+        _check_str("desc", desc)
     try:
         from tqdm import tqdm
     except ImportError as error:
