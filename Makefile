@@ -4,7 +4,8 @@ VENV := .venv
 BUILD_DIR ?= build/dev
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
-DEV_DEPS := cmake ninja pybind11 scikit-build-core pytest hypothesis numpy scikit-learn matplotlib pandas tqdm ruff
+DEV_DEPS := cmake ninja pybind11 scikit-build-core pytest hypothesis numpy scikit-learn matplotlib pandas tqdm ruff \
+	tensorboard ipython
 
 .PHONY: venv build test demo bench lint sanitize wheel clean
 
@@ -12,6 +13,8 @@ $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN) $(DEV_DEPS)
+	@# fitstream only as the reference the parity tests compare against; its deps are ours already
+	$(PY) -m pip install -q --no-deps fitstream==0.4.1
 	touch $@
 
 venv: $(VENV)/.ready

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <chrono>
+#include <cmath>
 
 namespace hotloop {
 namespace py = pybind11;
@@ -36,6 +37,8 @@ Loop::Loop(std::shared_ptr<Dataset> dataset, std::shared_ptr<Step> step)
 
 Loop::~Loop() { --live_count_; }
 
+void Loop::set_guard_nonfinite(bool guard) { step_->set_guard_nonfinite(guard); }
+
 WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
   TORCH_CHECK(max_steps >= 1, "max_steps must be >= 1, got ", max_steps);
   using Clock = std::chrono::steady_clock;
@@ -45,13 +48,21 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
   {
     py::gil_scoped_release no_gil;
     loss_accumulator_.zero_();
+    for (auto& accumulator : metric_accumulators_) accumulator.zero_();
     interrupt_requested_.store(false);
+    const bool guard = step_->guard_nonfinite();
     auto next_signal_check = start + kSignalCheckInterval;
     while (stats.steps < max_steps) {
       auto batch = dataset_->next_batch();
       const int64_t batch_samples = batch.front().size(0);
       at::Tensor loss = step_->run(batch);
+      if (guard && !std::isfinite(loss.item<double>())) {
+        // The step left the model untouched; the batch is consumed but not counted as an update.
+        stats.nonfinite_step = total_steps_ + 1;
+        break;
+      }
       loss_accumulator_.add_(loss.detach(), static_cast<double>(batch_samples));
+      accumulate_metrics(batch_samples);
       stats.samples += batch_samples;
       ++stats.steps;
       ++total_steps_;
@@ -65,11 +76,23 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
       }
     }
     stats.loss_sum = loss_accumulator_.item<double>();
+    for (const auto& accumulator : metric_accumulators_) stats.metric_sums.push_back(accumulator.item<double>());
   }
   stats.epoch_ended = dataset_->epoch_finished();
   stats.epochs_completed = dataset_->epochs_completed() - epochs_before;
   stats.wall_time_sec = std::chrono::duration<double>(Clock::now() - start).count();
   return stats;
+}
+
+void Loop::accumulate_metrics(int64_t batch_samples) {
+  const auto metrics = step_->last_metrics();
+  if (metric_accumulators_.size() != metrics.size()) {
+    metric_accumulators_.clear();
+    for (size_t i = 0; i < metrics.size(); ++i) metric_accumulators_.push_back(at::zeros_like(loss_accumulator_));
+  }
+  for (size_t i = 0; i < metrics.size(); ++i) {
+    metric_accumulators_[i].add_(metrics[i].detach().reshape({}), static_cast<double>(batch_samples));
+  }
 }
 
 }  // namespace hotloop

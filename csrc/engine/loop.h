@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "data/dataset.h"
 #include "engine/step.h"
@@ -19,6 +20,8 @@ struct WindowStats {
   int64_t epochs_completed = 0;
   double wall_time_sec = 0.0;
   bool epoch_ended = false;  // the window stopped exactly at an epoch boundary
+  std::vector<double> metric_sums;  // per train metric: sum over steps of (batch mean * batch samples)
+  int64_t nonfinite_step = -1;  // 1-based index (over the loop's life) of a step whose loss was not finite
 };
 
 class Loop {
@@ -33,6 +36,10 @@ class Loop {
   // re-takes it every few milliseconds only to check for Ctrl-C.
   WindowStats run(int64_t max_steps, bool stop_at_epoch_end);
 
+  // With the guard on, a step whose loss is not finite is not applied and ends the window; the stats
+  // report it in nonfinite_step.
+  void set_guard_nonfinite(bool guard);
+
   // Asks a running window to stop with KeyboardInterrupt after the step in progress (safe from a
   // signal handler: it only sets a flag).
   void request_interrupt() { interrupt_requested_.store(true); }
@@ -43,9 +50,12 @@ class Loop {
   static int64_t live_count() { return live_count_.load(); }
 
  private:
+  void accumulate_metrics(int64_t batch_samples);
+
   std::shared_ptr<Dataset> dataset_;
   std::shared_ptr<Step> step_;
   at::Tensor loss_accumulator_;
+  std::vector<at::Tensor> metric_accumulators_;
   int64_t total_steps_ = 0;
   std::atomic<bool> interrupt_requested_{false};
   static std::atomic<int64_t> live_count_;

@@ -20,6 +20,16 @@ at::Tensor PythonStep::run(const std::vector<at::Tensor>& batch) {
   py::tuple args(batch.size());
   for (size_t i = 0; i < batch.size(); ++i) args[i] = py::cast(batch[i]);
   py::object result = step_fn_(*args);
+  metrics_.clear();
+  if (py::isinstance<py::tuple>(result)) {
+    auto values = result.cast<py::tuple>();
+    TORCH_CHECK(values.size() >= 1, "the python step returned an empty tuple");
+    for (size_t i = 1; i < values.size(); ++i) {
+      TORCH_CHECK(THPVariable_Check(values[i].ptr()), "train metric ", i - 1, " must be a tensor");
+      metrics_.push_back(THPVariable_Unpack(values[i].ptr()));
+    }
+    result = values[0];
+  }
   TORCH_CHECK(THPVariable_Check(result.ptr()), "the python step must return the loss tensor, got ",
               std::string(py::str(py::type::of(result))));
   at::Tensor loss = THPVariable_Unpack(result.ptr());
