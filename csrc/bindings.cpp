@@ -5,6 +5,7 @@
 #include "data/dataset.h"
 #include "engine/loop.h"
 #include "engine/python_step.h"
+#include "optim/optimizer.h"
 
 namespace py = pybind11;
 using namespace hotloop;
@@ -48,4 +49,38 @@ PYBIND11_MODULE(_C, m) {
       .def("request_interrupt", &Loop::request_interrupt)
       .def_property_readonly("total_steps", &Loop::total_steps)
       .def_static("live_count", &Loop::live_count);
+
+  // Native optimizers: hotloop.optim builds them and configures them at every window boundary.
+  py::class_<OptimizerGroup>(m, "OptimizerGroup")
+      .def(py::init<>())
+      .def_readwrite("params", &OptimizerGroup::params)
+      .def_readwrite("grad_index", &OptimizerGroup::grad_index)
+      .def_readwrite("lr", &OptimizerGroup::lr)
+      .def_readwrite("lr_per_step", &OptimizerGroup::lr_per_step)
+      .def_readwrite("weight_decay", &OptimizerGroup::weight_decay)
+      .def_readwrite("maximize", &OptimizerGroup::maximize)
+      .def_readwrite("momentum", &OptimizerGroup::momentum)
+      .def_readwrite("dampening", &OptimizerGroup::dampening)
+      .def_readwrite("nesterov", &OptimizerGroup::nesterov)
+      .def_readwrite("momentum_buffers", &OptimizerGroup::momentum_buffers)
+      .def_readwrite("buffer_is_new", &OptimizerGroup::buffer_is_new)
+      .def_readwrite("beta1", &OptimizerGroup::beta1)
+      .def_readwrite("beta2", &OptimizerGroup::beta2)
+      .def_readwrite("eps", &OptimizerGroup::eps)
+      .def_readwrite("amsgrad", &OptimizerGroup::amsgrad)
+      .def_readwrite("decoupled_weight_decay", &OptimizerGroup::decoupled_weight_decay)
+      .def_readwrite("exp_avgs", &OptimizerGroup::exp_avgs)
+      .def_readwrite("exp_avg_sqs", &OptimizerGroup::exp_avg_sqs)
+      .def_readwrite("max_exp_avg_sqs", &OptimizerGroup::max_exp_avg_sqs)
+      .def_readwrite("steps", &OptimizerGroup::steps);
+  py::class_<NativeOptimizer, std::shared_ptr<NativeOptimizer>>(m, "NativeOptimizer", py::dynamic_attr())
+      .def("configure", &NativeOptimizer::configure, py::arg("groups"), py::arg("num_grads"))
+      .def("step", &NativeOptimizer::step, py::arg("grads"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("fused", &NativeOptimizer::fused)
+      .def_property_readonly("steps_in_window", &NativeOptimizer::steps_in_window)
+      .def_property_readonly("groups", &NativeOptimizer::groups);
+  py::class_<SGD, NativeOptimizer, std::shared_ptr<SGD>>(m, "SGD", py::dynamic_attr())
+      .def(py::init<bool>(), py::arg("fused") = true);
+  py::class_<Adam, NativeOptimizer, std::shared_ptr<Adam>>(m, "Adam", py::dynamic_attr())
+      .def(py::init<bool>(), py::arg("fused") = true);
 }

@@ -1,0 +1,104 @@
+// NativeOptimizer: validation, the per-window plan (which params share a fused kernel call) and step().
+#include "optim/optimizer.h"
+
+#include <ATen/core/grad_mode.h>
+
+namespace hotloop {
+
+void NativeOptimizer::configure(std::vector<OptimizerGroup> groups, int64_t num_grads) {
+  TORCH_CHECK(num_grads >= 0, "num_grads must be >= 0, got ", num_grads);
+  std::vector<GroupPlan> plans;
+  plans.reserve(groups.size());
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    const OptimizerGroup& group = groups[gi];
+    TORCH_CHECK(group.grad_index.size() == group.params.size(), "param group ", gi, " has ",
+                group.params.size(), " params but ", group.grad_index.size(), " gradient indices");
+    for (size_t i = 0; i < group.params.size(); ++i) {
+      TORCH_CHECK(group.params[i].defined(), "param group ", gi, ": parameter ", i, " is undefined");
+      TORCH_CHECK(group.grad_index[i] >= 0 && group.grad_index[i] < num_grads, "param group ", gi,
+                  ": gradient index ", group.grad_index[i], " out of range for ", num_grads, " gradients");
+    }
+    check_group(group);
+
+    GroupPlan plan;
+    for (size_t i = 0; i < group.params.size(); ++i) {
+      if (!fused_ || !can_fuse(group, i)) {
+        plan.one_by_one.push_back(i);
+        continue;
+      }
+      const at::Tensor& p = group.params[i];
+      Bucket* bucket = nullptr;
+      for (Bucket& b : plan.buckets) {
+        const at::Tensor& q = group.params[b.members.front()];
+        if (q.device() == p.device() && q.scalar_type() == p.scalar_type()) bucket = &b;
+      }
+      if (bucket == nullptr) bucket = &plan.buckets.emplace_back();
+      bucket->members.push_back(i);
+    }
+    for (Bucket& b : plan.buckets) {
+      for (size_t i : b.members) b.params.push_back(group.params[i]);
+      b.grads.resize(b.members.size());
+      fill_bucket(group, b);
+    }
+    plans.push_back(std::move(plan));
+  }
+  groups_ = std::move(groups);
+  plans_ = std::move(plans);
+  num_grads_ = num_grads;
+  steps_in_window_ = 0;
+}
+
+void NativeOptimizer::step(const std::vector<at::Tensor>& grads) {
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == num_grads_, "the optimizer was configured for ",
+              num_grads_, " gradients, got ", grads.size());
+  // Everything is checked before anything is updated, so a failed step leaves the state untouched.
+  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+    const OptimizerGroup& group = groups_[gi];
+    for (size_t i = 0; i < group.params.size(); ++i) {
+      const at::Tensor& p = group.params[i];
+      const at::Tensor& g = grads[group.grad_index[i]];
+      TORCH_CHECK(g.defined(), "no gradient for parameter ", i, " of param group ", gi);
+      TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device(),
+                  "the gradient of parameter ", i, " of param group ", gi, " is ", g.toString(), g.sizes(),
+                  " on ", g.device(), ", the parameter is ", p.toString(), p.sizes(), " on ", p.device());
+      TORCH_CHECK(g.layout() == at::kStrided, "sparse gradients are not supported (parameter ", i,
+                  " of param group ", gi, ")");
+    }
+    TORCH_CHECK(group.lr_per_step.empty() || steps_in_window_ < static_cast<int64_t>(group.lr_per_step.size()),
+                "param group ", gi, " has learning rates for ", group.lr_per_step.size(),
+                " steps in this window; step ", steps_in_window_ + 1, " needs one more");
+  }
+  at::NoGradGuard no_grad;
+  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+    OptimizerGroup& group = groups_[gi];
+    const double lr = group.lr_per_step.empty() ? group.lr : group.lr_per_step[steps_in_window_];
+    step_group(group, plans_[gi], grads, lr);
+  }
+  ++steps_in_window_;
+}
+
+void NativeOptimizer::increment_steps(const std::vector<at::Tensor>& steps) {
+  std::vector<at::Tensor> others;
+  for (const at::Tensor& s : steps) {
+    if (s.is_cpu() && s.scalar_type() == at::kFloat) {
+      *s.data_ptr<float>() += 1.0f;
+    } else if (s.is_cpu() && s.scalar_type() == at::kDouble) {
+      *s.data_ptr<double>() += 1.0;
+    } else {
+      others.push_back(s);
+    }
+  }
+  if (!others.empty()) at::_foreach_add_(others, 1);
+}
+
+double NativeOptimizer::step_value(const at::Tensor& step) {
+  if (step.is_cpu() && step.scalar_type() == at::kFloat) return *step.const_data_ptr<float>();
+  if (step.is_cpu() && step.scalar_type() == at::kDouble) return *step.const_data_ptr<double>();
+  return step.item<double>();
+}
+
+at::Tensor NativeOptimizer::dense_like(const at::Tensor& grad) {
+  return grad.is_contiguous() ? grad : grad.contiguous();
+}
+
+}  // namespace hotloop

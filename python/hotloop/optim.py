@@ -1,0 +1,230 @@
+"""Native optimizers: torch.optim's SGD, Adam and AdamW stepped from C++ on the optimizer's own state.
+
+The native engine steps the optimizer with no Python per batch. At every window boundary the Python side
+reads ``param_groups`` afresh and hands C++ the very tensors that live in ``optimizer.state``, which C++
+then updates in place; after the window ``optimizer.state_dict()`` is what a torch.optim loop would hold.
+So changing ``lr``, stepping a scheduler, saving or loading a state dict between windows all just work.
+
+>>> import torch
+>>> from hotloop.optim import configure_window, finish_window, native_optimizer
+>>> w = torch.nn.Parameter(torch.ones(3))
+>>> opt = torch.optim.SGD([w], lr=0.5, momentum=0.9)
+>>> handle, reason = native_optimizer(opt)
+>>> configure_window(handle, opt, [w])
+>>> handle.step([torch.ones(3)])  # in the engine, C++ calls this once per batch
+>>> finish_window(handle, opt)
+>>> w.data, opt.state_dict()["state"][0]["momentum_buffer"]
+(tensor([0.5000, 0.5000, 0.5000]), tensor([1., 1., 1.]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.optim import SGD, Adam, AdamW, Optimizer
+
+from ._native import _C
+
+NATIVE_OPTIMIZERS = (SGD, Adam, AdamW)
+
+
+def native_optimizer(
+    optimizer: Optimizer, *, fused: bool = True
+) -> tuple[_C.NativeOptimizer | None, str | None]:
+    """A native stepper for ``optimizer``, or ``(None, reason)`` saying why it cannot have one.
+
+    ``fused=True`` runs ATen's fused kernels (``_fused_sgd_``, ``_fused_adam_``, ``_fused_adamw_``), which
+    match torch.optim's default for-loop implementation to a few float32 ulps per step (bitwise when the
+    optimizer itself was built with ``fused=True``). ``fused=False`` replays torch.optim's for-loop
+    implementation op for op: bitwise equal to it on CPU, and slower.
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    reason = _unsupported_reason(optimizer)
+    if reason is not None:
+        return None, reason
+    handle = _C.SGD(fused=fused) if type(optimizer) is SGD else _C.Adam(fused=fused)
+    handle._created_state = []
+    return handle, None
+
+
+def configure_window(
+    handle: _C.NativeOptimizer,
+    optimizer: Optimizer,
+    grad_params: Sequence[torch.Tensor] | None = None,
+    lrs_per_step: Sequence[Sequence[float] | None] | None = None,
+) -> None:
+    """Points ``handle`` at ``optimizer``'s current hyperparameters and state for the next window.
+
+    Call it at every window boundary, after anything that may have changed ``param_groups`` or
+    ``optimizer.state`` (an lr change, a scheduler step, ``load_state_dict``). ``grad_params`` lists the
+    parameters whose gradients ``handle.step(grads)`` will receive, in that order (default: the
+    optimizer's trainable parameters in ``param_groups`` order). Optimizer parameters that are not among
+    them, or have ``requires_grad=False``, are left alone, as torch.optim leaves a parameter without a
+    gradient. Missing state is created here exactly as torch.optim creates it on its first step.
+
+    ``lrs_per_step``, one entry per param group, gives that group's learning rate for each step of the
+    window (``None`` for a group: its ``lr``); a step beyond the given rates fails before changing
+    anything.
+    """
+    reason = _unsupported_reason(optimizer)
+    if reason is not None:
+        raise RuntimeError(f"the optimizer can no longer be stepped natively: {reason}")
+    groups = optimizer.param_groups
+    if grad_params is None:
+        grad_params = [p for group in groups for p in group["params"] if p.requires_grad]
+    grad_index = {id(p): j for j, p in enumerate(grad_params)}
+    if lrs_per_step is not None and len(lrs_per_step) != len(groups):
+        raise ValueError(
+            f"lrs_per_step must have one entry per param group ({len(groups)}), got {len(lrs_per_step)}"
+        )
+
+    created: list[tuple[torch.Tensor, str | None]] = []
+    native_groups = []
+    for gi, group in enumerate(groups):
+        g = _C.OptimizerGroup()
+        params = [p for p in group["params"] if p.requires_grad and id(p) in grad_index]
+        g.params = params
+        g.grad_index = [grad_index[id(p)] for p in params]
+        g.lr = float(group["lr"])
+        if lrs_per_step is not None and lrs_per_step[gi] is not None:
+            g.lr_per_step = [float(lr) for lr in lrs_per_step[gi]]
+        g.weight_decay = float(group["weight_decay"])
+        g.maximize = bool(group.get("maximize", False))
+        if type(optimizer) is SGD:
+            _configure_sgd(g, group, params, optimizer.state, created)
+        else:
+            _configure_adam(g, group, params, optimizer.state, created)
+        native_groups.append(g)
+    handle.configure(native_groups, len(grad_params))
+    handle._created_state = created
+
+
+def finish_window(handle: _C.NativeOptimizer, optimizer: Optimizer) -> None:
+    """Leaves ``optimizer`` as a torch.optim loop would after the window's steps.
+
+    After a window that took no step, the state ``configure_window`` created is removed again (torch
+    creates state on a parameter's first step only, and SGD treats an existing momentum buffer
+    differently from a missing one). After steps, marks the optimizer as stepped for LR schedulers.
+    """
+    created = getattr(handle, "_created_state", [])
+    if handle.steps_in_window == 0:
+        for p, key in created:
+            if key is None:
+                del optimizer.state[p]
+            else:
+                del optimizer.state[p][key]
+                if not optimizer.state[p]:
+                    del optimizer.state[p]
+    else:
+        # what LRScheduler's wrapper around optimizer.step records, so schedulers do not warn
+        optimizer._opt_called = True
+    handle._created_state = []
+
+
+def _configure_sgd(g, group, params, state, created) -> None:
+    g.momentum = float(group["momentum"])
+    g.dampening = float(group["dampening"])
+    g.nesterov = bool(group["nesterov"])
+    if g.momentum == 0:
+        return  # torch.optim.SGD keeps no state without momentum
+    buffers, is_new = [], []
+    for p in params:
+        param_state = state[p]
+        buf = param_state.get("momentum_buffer")
+        is_new.append(buf is None)
+        if buf is None:
+            # torch stores a clone of the first gradient; the first native step fills this one in place
+            buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+            param_state["momentum_buffer"] = buf
+            created.append((p, "momentum_buffer"))
+        buffers.append(buf)
+    g.momentum_buffers = buffers
+    g.buffer_is_new = is_new
+
+
+def _configure_adam(g, group, params, state, created) -> None:
+    beta1, beta2 = group["betas"]
+    g.beta1, g.beta2 = float(beta1), float(beta2)
+    g.eps = float(group["eps"])
+    g.amsgrad = bool(group["amsgrad"])
+    g.decoupled_weight_decay = bool(group.get("decoupled_weight_decay", False))
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+    for p in params:
+        param_state = state[p]
+        if len(param_state) == 0:
+            # as Adam._init_group does on a parameter's first step
+            if group["capturable"] or group["fused"]:
+                step = torch.zeros((), dtype=_scalar_dtype(group["fused"]), device=p.device)
+            else:
+                step = torch.tensor(0.0, dtype=_scalar_dtype(False))
+            param_state["step"] = step
+            param_state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            param_state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if g.amsgrad:
+                param_state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            created.append((p, None))
+        steps.append(param_state["step"])
+        exp_avgs.append(param_state["exp_avg"])
+        exp_avg_sqs.append(param_state["exp_avg_sq"])
+        if g.amsgrad:
+            max_exp_avg_sqs.append(param_state["max_exp_avg_sq"])
+    g.steps = steps
+    g.exp_avgs = exp_avgs
+    g.exp_avg_sqs = exp_avg_sqs
+    g.max_exp_avg_sqs = max_exp_avg_sqs
+
+
+def _scalar_dtype(fused) -> torch.dtype:
+    # torch.optim.optimizer._get_scalar_dtype
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _unsupported_reason(optimizer: Optimizer) -> str | None:
+    kind = type(optimizer)
+    name = kind.__name__
+    if kind not in NATIVE_OPTIMIZERS:
+        return (
+            f"{name} is not native (native optimizers: torch.optim.SGD, Adam and AdamW themselves, "
+            "not subclasses)"
+        )
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return f"{name} has step hooks, which would have to run in Python at every step"
+    from torch.optim import optimizer as optimizer_module
+
+    if optimizer_module._global_optimizer_pre_hooks or optimizer_module._global_optimizer_post_hooks:
+        return "global optimizer step hooks are registered, which would have to run in Python at every step"
+    step = vars(optimizer).get("step")
+    if step is not None and not getattr(step, "_wrapped_by_lr_sched", False):
+        return f"{name}.step was replaced on the instance, and the native optimizer would bypass it"
+    for gi, group in enumerate(optimizer.param_groups):
+        if group.get("differentiable", False):
+            return f"{name} with differentiable=True is not native"
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            if p.layout != torch.strided:
+                return f"{name} on a {p.layout} parameter is not native (param group {gi})"
+            if kind is not SGD:
+                reason = _adam_state_reason(name, group, optimizer.state.get(p), p)
+                if reason is not None:
+                    return f"{reason} (param group {gi})"
+    return None
+
+
+def _adam_state_reason(name, group, param_state, p) -> str | None:
+    if group["capturable"] and not group["fused"] and p.device.type != "cuda":
+        return f"{name} with capturable=True needs CUDA parameters, got one on {p.device.type}"
+    if not param_state:
+        return None
+    missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in param_state]
+    if group["amsgrad"] and "max_exp_avg_sq" not in param_state:
+        missing.append("max_exp_avg_sq")
+    if missing:
+        return f"{name} state of a parameter lacks {', '.join(missing)}"
+    if not torch.is_tensor(param_state["step"]):
+        return f"{name} state of a parameter has a step that is not a tensor"
+    return None
