@@ -1,0 +1,155 @@
+"""The plain training loops under test, and what every contender's setup returns: a Runner.
+
+Each setup returns a Runner whose ``run()`` trains one window.
+
+A window is ``workload.steps`` optimizer steps on shuffled full batches; ``run()`` returns the window's
+mean training loss as a float (which synchronises the device). A setup raises :class:`Skip` when the
+contender does not apply; any other exception is reported by the harness as the reason it was skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .workloads import Workload
+
+Data = tuple[torch.Tensor, ...]
+
+
+class Skip(Exception):
+    """The contender does not apply here; the message says why."""
+
+
+@dataclass
+class Runner:
+    run: Callable[[], float]
+    close: Callable[[], None] = lambda: None
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def generator(device: torch.device | str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def epochs(data: Data, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """fitstream's iter_batches, epoch after epoch: randperm split by batch_size, gathered by indexing."""
+    while True:
+        order = torch.randperm(data[0].shape[0], device=data[0].device, generator=generator)
+        for index in order.split(batch_size):
+            yield tuple(t[index] for t in data)
+
+
+def window(
+    batches: Iterator[tuple[torch.Tensor, ...]], steps: int, step: Callable[..., torch.Tensor], device
+) -> float:
+    """Run ``steps`` steps, accumulating the sample-weighted loss on the device like fitstream does."""
+    total = torch.zeros((), device=device)
+    samples = 0
+    for _ in range(steps):
+        batch = next(batches)
+        total += step(*batch) * batch[0].shape[0]
+        samples += batch[0].shape[0]
+    return (total / samples).item()
+
+
+def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module):
+    def step(*batch: torch.Tensor) -> torch.Tensor:
+        *inputs, labels = batch
+        loss = loss_fn(model(*inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def eager(w: Workload, data: Data, device: torch.device) -> Runner:
+    model, optimizer, loss_fn = w.build(device)
+    batches = epochs(data, w.batch_size, generator(device))
+    step = _plain_step(model, optimizer, loss_fn)
+    return Runner(lambda: window(batches, w.steps, step, device))
+
+
+def tensor_loader(data: Data, batch_size: int) -> torch.utils.data.DataLoader:
+    dataset = torch.utils.data.TensorDataset(*data)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=generator("cpu")
+    )
+
+
+def _dataloader_batches(data: Data, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    loader = tensor_loader(data, batch_size)
+    while True:
+        yield from loader
+
+
+def dataloader(w: Workload, data: Data, device: torch.device) -> Runner:
+    model, optimizer, loss_fn = w.build(device)
+    batches = _dataloader_batches(data, w.batch_size)
+    step = _plain_step(model, optimizer, loss_fn)
+    return Runner(lambda: window(batches, w.steps, step, device))
+
+
+def compiled(w: Workload, data: Data, device: torch.device) -> Runner:
+    """torch.compile of the whole step (backward is a graph break; the optimizer step is compiled too)."""
+    model, optimizer, loss_fn = w.build(device)
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    torch._dynamo.reset()  # one code object serves every workload: start from a clean recompile budget
+    step = torch.compile(_plain_step(model, optimizer, loss_fn), mode=mode)
+    if device.type == "cuda":
+        inner = step
+
+        def step(*batch: torch.Tensor) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            return inner(*batch)
+
+    batches = epochs(data, w.batch_size, generator(device))
+    return Runner(lambda: window(batches, w.steps, step, device))
+
+
+def fitstream_loop(w: Workload, data: Data, device: torch.device) -> Runner:
+    if not installed("fitstream"):
+        raise Skip("fitstream is not installed")
+    import fitstream
+
+    if w.n_samples != w.steps * w.batch_size:
+        raise Skip("fitstream yields once per epoch and this window is not an epoch")
+    model, optimizer, loss_fn = w.build(device)
+    stream = fitstream.epoch_stream(
+        data, model, optimizer, loss_fn, batch_size=w.batch_size, generator=generator(device)
+    )
+    return Runner(lambda: next(stream)["train_loss"], stream.close)
+
+
+def hotloop_engine(engine: str) -> Callable[[Workload, Data, torch.device], Runner]:
+    def setup(w: Workload, data: Data, device: torch.device) -> Runner:
+        import hotloop
+
+        model, optimizer, loss_fn = w.build(device)
+        stream = hotloop.fit(
+            data, model, optimizer, loss_fn, batch_size=w.batch_size, generator=generator(device),
+            every=w.steps, engine=engine,
+        )  # fmt: skip
+
+        def run() -> float:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                event = next(stream)
+            if event["engine"] != engine:
+                said = "; ".join(str(c.message) for c in caught) or "no warning"
+                raise RuntimeError(f"engine={engine!r} ran as {event['engine']!r} ({said})")
+            return event["train_loss"]
+
+        return Runner(run, stream.close)
+
+    return setup
