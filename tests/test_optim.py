@@ -306,3 +306,33 @@ def test_float64_default_dtype():
         run_parity(lambda groups: torch.optim.Adam(groups), fused=False, n_windows=2)
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+        lambda ps: torch.optim.Adam(ps, amsgrad=True, weight_decay=0.1),
+        lambda ps: torch.optim.AdamW(ps),
+    ],
+    ids=["SGD", "Adam", "AdamW"],
+)
+def test_complex_and_non_contiguous_params_take_the_for_loop(factory):
+    """No fused kernel takes them: they are stepped by the for-loop replica, bitwise like torch.optim."""
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(4, 3, dtype=torch.complex64, generator=g), torch.randn(3, 5, generator=g).t()]
+    ref_ps = [torch.nn.Parameter(t.clone()) for t in init]
+    nat_ps = [torch.nn.Parameter(t.clone()) for t in init]
+    assert not nat_ps[1].is_contiguous()
+    ref_opt, nat_opt = factory(ref_ps), factory(nat_ps)
+    handle, _ = native_optimizer(nat_opt)
+    grads = [[torch.randn(p.shape, dtype=p.dtype, generator=g) for p in ref_ps] for _ in range(5)]
+    reference_steps(ref_opt, ref_ps, grads)
+    native_steps(handle, nat_opt, nat_ps, grads)
+    assert_same_state(ref_opt, nat_opt, ref_ps, nat_ps, exact=True)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam])
+def test_tensor_learning_rate(cls):
+    """A tensor lr is read once per window; torch rounds lr/bias_correction to float32, we keep double."""
+    run_parity(lambda groups: cls([dict(g, lr=torch.tensor(g["lr"])) for g in groups]), fused=True)
