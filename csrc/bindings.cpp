@@ -57,6 +57,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("grad_index", &OptimizerGroup::grad_index)
       .def_readwrite("lr", &OptimizerGroup::lr)
       .def_readwrite("lr_per_step", &OptimizerGroup::lr_per_step)
+      .def_readwrite("momentum_per_step", &OptimizerGroup::momentum_per_step)
       .def_readwrite("weight_decay", &OptimizerGroup::weight_decay)
       .def_readwrite("maximize", &OptimizerGroup::maximize)
       .def_readwrite("momentum", &OptimizerGroup::momentum)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import warnings
 
 import pytest
 import torch
-from hotloop.optim import configure_window, finish_window, native_optimizer
+from hotloop.optim import configure_window, finish_window, native_optimizer, schedule_window
 
 # Fused kernels (the default) against torch.optim's default for-loop implementation: measured worst
 # relative difference over these runs is a few 1e-7 (float32 rounding of a different operation order);
@@ -164,7 +165,7 @@ def test_running_out_of_learning_rates_fails_before_any_change():
     grads = [torch.ones_like(p) for p in trainable]
     handle.step(grads)
     before = [p.detach().clone() for p in trainable]
-    with pytest.raises(RuntimeError, match="learning rates for 1 steps"):
+    with pytest.raises(RuntimeError, match="has a schedule for 1 steps in this window"):
         handle.step(grads)
     assert all(torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
     finish_window(handle, opt)
@@ -336,3 +337,74 @@ def test_complex_and_non_contiguous_params_take_the_for_loop(factory):
 def test_tensor_learning_rate(cls):
     """A tensor lr is read once per window; torch rounds lr/bias_correction to float32, we keep double."""
     run_parity(lambda groups: cls([dict(g, lr=torch.tensor(g["lr"])) for g in groups]), fused=True)
+
+
+SCHEDULERS = {
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=40),
+    "CyclicLR": lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1, step_size_up=4),
+    "warmup+cosine": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20),
+        ],
+        milestones=[5],
+    ),
+}
+SCHEDULED_OPTIMIZERS = {
+    "SGD": lambda groups: torch.optim.SGD(groups, momentum=0.9, nesterov=True),
+    "Adam": lambda groups: torch.optim.Adam(groups, amsgrad=True),
+    "AdamW": lambda groups: torch.optim.AdamW(groups),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "forloop"])
+@pytest.mark.parametrize("opt_name", SCHEDULED_OPTIMIZERS)
+@pytest.mark.parametrize("sched_name", SCHEDULERS)
+def test_per_step_scheduler_through_windows(sched_name, opt_name, fused):
+    """schedule_window: per-step lr and momentum schedules with no Python per step, short windows included."""
+    make_opt, make_scheduler = SCHEDULED_OPTIMIZERS[opt_name], SCHEDULERS[sched_name]
+    ref_ps, nat_ps = make_params(), make_params()
+    ref_opt, nat_opt = make_opt(groups_of(ref_ps)), make_opt(groups_of(nat_ps))
+    ref_sched, nat_sched = make_scheduler(ref_opt), make_scheduler(nat_opt)
+    handle, _ = native_optimizer(nat_opt, fused=fused)
+    grads = grad_stream(ref_ps, 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for gs in grads:
+            reference_steps(ref_opt, ref_ps, [gs])
+            ref_sched.step()
+        done = 0
+        for planned, taken in [
+            (8, 8),
+            (10, 3),
+            (10, 0),
+            (10, 10),
+            (12, 9),
+        ]:  # some cut short (take(), Ctrl-C)
+            schedule, settle = schedule_window(nat_sched, planned)
+            trainable = [p for p in nat_ps if p.requires_grad]
+            configure_window(handle, nat_opt, trainable, **schedule)
+            for gs in grads[done : done + taken]:
+                handle.step([g for p, g in zip(nat_ps, gs, strict=True) if p.requires_grad])
+            finish_window(handle, nat_opt)
+            settle(handle.steps_in_window)
+            done += taken
+    assert done == len(grads)
+    assert_same_state(ref_opt, nat_opt, ref_ps, nat_ps, exact=not fused)
+    assert nat_sched.state_dict() == ref_sched.state_dict()
+
+
+def test_scheduler_changing_other_hyperparameters_is_refused():
+    ps = make_params()
+    opt = torch.optim.SGD(groups_of(ps), momentum=0.9)
+
+    def factor(k):
+        opt.param_groups[0]["weight_decay"] = 0.01 * k
+        return 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    before = copy.deepcopy(sched.state_dict())
+    with pytest.raises(ValueError, match="LambdaLR changes weight_decay from step to step"):
+        schedule_window(sched, 5)
+    assert sched.state_dict() == before and opt.param_groups[0]["weight_decay"] == 0.0

@@ -34,6 +34,9 @@ void Adam::check_group(const OptimizerGroup& group) const {
   } else {
     TORCH_CHECK(group.max_exp_avg_sqs.empty(), "Adam without amsgrad takes no max_exp_avg_sq");
   }
+  for (double beta1 : group.momentum_per_step) {
+    TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "Adam's per-step beta1 must be in [0, 1), got ", beta1);
+  }
   TORCH_CHECK(group.steps.size() == group.params.size(), "Adam needs one step tensor per parameter, got ",
               group.steps.size(), " for ", group.params.size(), " parameters");
   for (size_t i = 0; i < group.steps.size(); ++i) {
@@ -42,6 +45,8 @@ void Adam::check_group(const OptimizerGroup& group) const {
                 "the step of parameter ", i, " must be a one-element floating point tensor");
   }
 }
+
+void Adam::set_momentum(OptimizerGroup& group, double momentum) const { group.beta1 = momentum; }
 
 bool Adam::can_fuse(const OptimizerGroup& group, size_t i) const {
   const at::Tensor& p = group.params[i];

@@ -64,14 +64,17 @@ void NativeOptimizer::step(const std::vector<at::Tensor>& grads) {
       TORCH_CHECK(g.layout() == at::kStrided, "sparse gradients are not supported (parameter ", i,
                   " of param group ", gi, ")");
     }
-    TORCH_CHECK(group.lr_per_step.empty() || steps_in_window_ < static_cast<int64_t>(group.lr_per_step.size()),
-                "param group ", gi, " has learning rates for ", group.lr_per_step.size(),
-                " steps in this window; step ", steps_in_window_ + 1, " needs one more");
+    for (const auto* schedule : {&group.lr_per_step, &group.momentum_per_step}) {
+      TORCH_CHECK(schedule->empty() || steps_in_window_ < static_cast<int64_t>(schedule->size()), "param group ",
+                  gi, " has a schedule for ", schedule->size(), " steps in this window; step ",
+                  steps_in_window_ + 1, " is one more");
+    }
   }
   at::NoGradGuard no_grad;
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     OptimizerGroup& group = groups_[gi];
     const double lr = group.lr_per_step.empty() ? group.lr : group.lr_per_step[steps_in_window_];
+    if (!group.momentum_per_step.empty()) set_momentum(group, group.momentum_per_step[steps_in_window_]);
     step_group(group, plans_[gi], grads, lr);
   }
   ++steps_in_window_;

@@ -25,7 +25,10 @@ struct OptimizerGroup {
   std::vector<at::Tensor> params;
   std::vector<int64_t> grad_index;  // params[i]'s gradient is grads[grad_index[i]] in step()
   double lr = 0.0;
-  std::vector<double> lr_per_step;  // when not empty, step k of the window uses lr_per_step[k] instead of lr
+  // Per-step schedules (a scheduler run ahead through the window): when not empty, step k of the window
+  // uses lr_per_step[k] as lr, and momentum_per_step[k] as SGD's momentum or Adam's beta1.
+  std::vector<double> lr_per_step;
+  std::vector<double> momentum_per_step;
   double weight_decay = 0.0;
   bool maximize = false;
 
@@ -90,6 +93,7 @@ class NativeOptimizer {
   static at::Tensor dense_like(const at::Tensor& grad);
 
   virtual void check_group(const OptimizerGroup& group) const = 0;
+  virtual void set_momentum(OptimizerGroup& group, double momentum) const = 0;
   virtual bool can_fuse(const OptimizerGroup& group, size_t i) const = 0;
   virtual void fill_bucket(const OptimizerGroup& group, Bucket& bucket) const = 0;
   virtual void step_group(OptimizerGroup& group, GroupPlan& plan, const std::vector<at::Tensor>& grads,
@@ -109,6 +113,7 @@ class SGD final : public NativeOptimizer {
 
  protected:
   void check_group(const OptimizerGroup& group) const override;
+  void set_momentum(OptimizerGroup& group, double momentum) const override;
   bool can_fuse(const OptimizerGroup& group, size_t i) const override;
   void fill_bucket(const OptimizerGroup& group, Bucket& bucket) const override;
   void step_group(OptimizerGroup& group, GroupPlan& plan, const std::vector<at::Tensor>& grads,
@@ -122,6 +127,7 @@ class Adam final : public NativeOptimizer {
 
  protected:
   void check_group(const OptimizerGroup& group) const override;
+  void set_momentum(OptimizerGroup& group, double momentum) const override;
   bool can_fuse(const OptimizerGroup& group, size_t i) const override;
   void fill_bucket(const OptimizerGroup& group, Bucket& bucket) const override;
   void step_group(OptimizerGroup& group, GroupPlan& plan, const std::vector<at::Tensor>& grads,

@@ -15,6 +15,11 @@ void SGD::check_group(const OptimizerGroup& group) const {
   TORCH_CHECK(group.momentum >= 0.0, "SGD momentum must be >= 0, got ", group.momentum);
   TORCH_CHECK(!group.nesterov || (group.momentum > 0.0 && group.dampening == 0.0),
               "SGD's nesterov momentum requires a momentum and zero dampening");
+  for (double m : group.momentum_per_step) {
+    // A zero momentum would change what torch.optim keeps in the state: not something to switch mid-window.
+    TORCH_CHECK(group.momentum != 0.0 && m > 0.0, "SGD's per-step momentum must stay above zero, got ", m,
+                " (momentum ", group.momentum, ")");
+  }
   if (group.momentum == 0.0) {
     TORCH_CHECK(group.momentum_buffers.empty(), "SGD without momentum takes no momentum buffers");
     return;
@@ -33,6 +38,8 @@ void SGD::check_group(const OptimizerGroup& group) const {
                 p.device(), ")");
   }
 }
+
+void SGD::set_momentum(OptimizerGroup& group, double momentum) const { group.momentum = momentum; }
 
 bool SGD::can_fuse(const OptimizerGroup& group, size_t i) const {
   const at::Tensor& p = group.params[i];

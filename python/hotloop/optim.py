@@ -19,7 +19,8 @@ So changing ``lr``, stepping a scheduler, saving or loading a state dict between
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.optim import SGD, Adam, AdamW, Optimizer
@@ -54,6 +55,7 @@ def configure_window(
     optimizer: Optimizer,
     grad_params: Sequence[torch.Tensor] | None = None,
     lrs_per_step: Sequence[Sequence[float] | None] | None = None,
+    momenta_per_step: Sequence[Sequence[float] | None] | None = None,
 ) -> None:
     """Points ``handle`` at ``optimizer``'s current hyperparameters and state for the next window.
 
@@ -65,8 +67,9 @@ def configure_window(
     gradient. Missing state is created here exactly as torch.optim creates it on its first step.
 
     ``lrs_per_step``, one entry per param group, gives that group's learning rate for each step of the
-    window (``None`` for a group: its ``lr``); a step beyond the given rates fails before changing
-    anything.
+    window (``None`` for a group: its ``lr``); ``momenta_per_step`` likewise SGD's momentum or Adam's
+    beta1. ``schedule_window`` computes both from a scheduler. A step beyond a given schedule fails
+    before changing anything.
     """
     reason = _unsupported_reason(optimizer)
     if reason is not None:
@@ -75,10 +78,11 @@ def configure_window(
     if grad_params is None:
         grad_params = [p for group in groups for p in group["params"] if p.requires_grad]
     grad_index = {id(p): j for j, p in enumerate(grad_params)}
-    if lrs_per_step is not None and len(lrs_per_step) != len(groups):
-        raise ValueError(
-            f"lrs_per_step must have one entry per param group ({len(groups)}), got {len(lrs_per_step)}"
-        )
+    for name, schedule in (("lrs_per_step", lrs_per_step), ("momenta_per_step", momenta_per_step)):
+        if schedule is not None and len(schedule) != len(groups):
+            raise ValueError(
+                f"{name} must have one entry per param group ({len(groups)}), got {len(schedule)}"
+            )
 
     created: list[tuple[torch.Tensor, str | None]] = []
     native_groups = []
@@ -90,6 +94,8 @@ def configure_window(
         g.lr = float(group["lr"])
         if lrs_per_step is not None and lrs_per_step[gi] is not None:
             g.lr_per_step = [float(lr) for lr in lrs_per_step[gi]]
+        if momenta_per_step is not None and momenta_per_step[gi] is not None:
+            g.momentum_per_step = [float(m) for m in momenta_per_step[gi]]
         g.weight_decay = float(group["weight_decay"])
         g.maximize = bool(group.get("maximize", False))
         if type(optimizer) is SGD:
@@ -121,6 +127,87 @@ def finish_window(handle: _C.NativeOptimizer, optimizer: Optimizer) -> None:
         # what LRScheduler's wrapper around optimizer.step records, so schedulers do not warn
         optimizer._opt_called = True
     handle._created_state = []
+
+
+def schedule_window(scheduler, n_steps: int) -> tuple[dict[str, list], Callable[[int], None]]:
+    """Runs a per-step scheduler ahead through a window of ``n_steps`` optimizer steps.
+
+    Returns ``(schedule, settle)``. ``schedule`` holds, per param group, the lr (``lrs_per_step``) and,
+    where the scheduler cycles it (OneCycleLR, CyclicLR), the momentum or Adam's beta1
+    (``momenta_per_step``) that each step of the window has in a plain loop calling
+    ``scheduler.step()`` after every ``optimizer.step()``: pass it on as
+    ``configure_window(..., **schedule)``. The scheduler and ``param_groups`` are left where that loop
+    leaves them after ``n_steps`` steps; ``settle(steps_taken)`` after the window rewinds them to where
+    it stands after ``steps_taken`` steps when the window stopped early.
+    """
+    optimizer = scheduler.optimizer
+    if n_steps < 0:
+        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    groups = optimizer.param_groups
+    saved_scheduler = copy.deepcopy(scheduler.state_dict())
+    saved_groups = [{k: _detached_copy(v) for k, v in group.items() if k != "params"} for group in groups]
+
+    def rewind(steps: int) -> None:
+        scheduler.load_state_dict(copy.deepcopy(saved_scheduler))
+        for group, saved in zip(groups, saved_groups, strict=True):
+            for key, value in saved.items():
+                if torch.is_tensor(group.get(key)) and torch.is_tensor(value):
+                    group[key].copy_(value)
+                else:
+                    group[key] = _detached_copy(value)
+        for _ in range(steps):
+            scheduler.step()
+
+    momentum_key = "momentum" if type(optimizer) is SGD else "betas"
+    fixed_keys = [k for k in optimizer.defaults if k not in ("lr", momentum_key)]
+    lrs: list[list[float]] = [[] for _ in groups]
+    momenta: list[list[float]] = [[] for _ in groups]
+    optimizer._opt_called = True  # the window's optimizer steps come before these scheduler steps
+    for _ in range(n_steps):
+        for i, group in enumerate(groups):
+            lrs[i].append(float(group["lr"]))
+            momenta[i].append(float(_momentum_of(group, momentum_key)))
+        scheduler.step()
+        for group, saved in zip(groups, saved_groups, strict=True):
+            changed = [k for k in fixed_keys if not _same(group.get(k), saved.get(k))]
+            if momentum_key == "betas" and not _same(group["betas"][1], saved["betas"][1]):
+                changed.append("betas[1]")
+            if changed:
+                rewind(0)
+                raise ValueError(
+                    f"{type(scheduler).__name__} changes {', '.join(changed)} from step to step; per-step "
+                    "schedules of lr and momentum only run natively"
+                )
+    start_momenta = [float(_momentum_of(saved, momentum_key)) for saved in saved_groups]
+    schedule = {
+        "lrs_per_step": lrs,
+        "momenta_per_step": [
+            None if all(m == start for m in group_momenta) else group_momenta
+            for group_momenta, start in zip(momenta, start_momenta, strict=True)
+        ],
+    }
+
+    def settle(steps_taken: int) -> None:
+        if not 0 <= steps_taken <= n_steps:
+            raise ValueError(f"steps_taken must be in [0, {n_steps}], got {steps_taken}")
+        if steps_taken < n_steps:
+            rewind(steps_taken)
+
+    return schedule, settle
+
+
+def _momentum_of(group, momentum_key):
+    return group["momentum"] if momentum_key == "momentum" else group["betas"][0]
+
+
+def _detached_copy(value):
+    return value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b)
+    return a == b
 
 
 def _configure_sgd(g, group, params, state, created) -> None:
