@@ -408,3 +408,24 @@ def test_scheduler_changing_other_hyperparameters_is_refused():
     with pytest.raises(ValueError, match="LambdaLR changes weight_decay from step to step"):
         schedule_window(sched, 5)
     assert sched.state_dict() == before and opt.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "forloop"])
+def test_adam_with_decoupled_weight_decay_is_adamw(fused):
+    run_parity(lambda groups: torch.optim.Adam(groups, decoupled_weight_decay=True, weight_decay=0.1), fused)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.SGD, torch.optim.Adam])
+def test_mixed_dtypes_in_one_group(cls):
+    """A group's float32 and float64 params go to separate fused kernel calls."""
+    kwargs = {"momentum": 0.9} if cls is torch.optim.SGD else {}
+    ref_ps, nat_ps = make_params(), make_params()
+    for ps in (ref_ps, nat_ps):
+        ps[1].data = ps[1].data.double()
+        ps[3].data = ps[3].data.double()
+    ref_opt, nat_opt = cls(groups_of(ref_ps), **kwargs), cls(groups_of(nat_ps), **kwargs)
+    handle, _ = native_optimizer(nat_opt)
+    grads = grad_stream(ref_ps, 6)
+    reference_steps(ref_opt, ref_ps, grads)
+    native_steps(handle, nat_opt, nat_ps, grads)
+    assert_same_state(ref_opt, nat_opt, ref_ps, nat_ps, exact=False)

@@ -3,9 +3,10 @@
 //
 // Use from Python (python/hotloop/optim.py does all of this):
 //   handle, reason = native_optimizer(opt)            # builds _C.SGD / _C.Adam, or says why it cannot
-//   configure_window(handle, opt, grad_params, lrs_per_step=None)   # at every window boundary
+//   schedule, settle = schedule_window(sched, n)      # only with a per-step LR scheduler
+//   configure_window(handle, opt, grad_params, **schedule)   # at every window boundary
 //   ... C++ calls handle->step(grads) once per batch ...
-//   finish_window(handle, opt)                        # after the window: state is torch's again
+//   finish_window(handle, opt); settle(handle.steps_in_window)   # state and scheduler are torch's again
 // Use from C++ (a Step implementation, GIL released):
 //   optimizer->step(grads);   // grads[j] is the gradient of grad_params[j] given to configure_window
 // step() runs no Python and takes no GIL. configure() must not run while step() may be running.
