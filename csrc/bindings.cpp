@@ -4,6 +4,8 @@
 
 #include "data/dataset.h"
 #include "engine/loop.h"
+#include "engine/native_step.h"
+#include "engine/op_graph.h"
 #include "engine/python_step.h"
 #include "optim/optimizer.h"
 
@@ -49,6 +51,28 @@ PYBIND11_MODULE(_C, m) {
       .def("request_interrupt", &Loop::request_interrupt)
       .def_property_readonly("total_steps", &Loop::total_steps)
       .def_static("live_count", &Loop::live_count);
+
+  // Native engine: the lowered joint graph (built by hotloop.capture).
+  py::class_<OpGraph, std::shared_ptr<OpGraph>>(m, "OpGraph")
+      .def(py::init<int64_t>(), py::arg("num_inputs"))
+      .def("reserve_slots", &OpGraph::reserve_slots, py::arg("count"))
+      .def("set_constant", &OpGraph::set_constant, py::arg("slot"), py::arg("value"))
+      .def("add_op", &OpGraph::add_op, py::arg("name"), py::arg("overload"), py::arg("args"), py::arg("results"),
+           py::arg("release"), py::arg("unpacked_list_size"))
+      .def("set_outputs", &OpGraph::set_outputs, py::arg("slots"))
+      .def("__call__", &OpGraph::call, py::arg("inputs"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("num_inputs", &OpGraph::num_inputs)
+      .def_property_readonly("num_outputs", &OpGraph::num_outputs)
+      .def_property_readonly("op_names", &OpGraph::op_names);
+  py::class_<NativeStep, Step, std::shared_ptr<NativeStep>>(m, "NativeStep")
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>, std::vector<std::vector<int64_t>>,
+                    std::vector<bool>, std::shared_ptr<NativeOptimizer>>(),
+           py::arg("params"), py::arg("state"), py::arg("graphs"), py::arg("sample_shapes"), py::arg("accumulate"),
+           py::arg("optimizer"))
+      .def("run", &NativeStep::run, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("steps", &NativeStep::steps)
+      .def_property_readonly("optimizer", &NativeStep::optimizer);
 
   // Native optimizers: hotloop.optim builds them and configures them at every window boundary.
   py::class_<OptimizerGroup>(m, "OptimizerGroup")

@@ -1,0 +1,92 @@
+// NativeStep: picks the graph for the batch size, runs it, hands the gradients to .grad and the optimizer.
+#include "engine/native_step.h"
+
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <cmath>
+
+namespace hotloop {
+
+NativeStep::NativeStep(std::vector<at::Tensor> params, std::vector<at::Tensor> state,
+                       std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> graphs,
+                       std::vector<std::vector<int64_t>> sample_shapes, std::vector<bool> accumulate,
+                       std::shared_ptr<NativeOptimizer> optimizer)
+    : params_(std::move(params)),
+      state_(std::move(state)),
+      graphs_(std::move(graphs)),
+      sample_shapes_(std::move(sample_shapes)),
+      accumulate_(std::move(accumulate)),
+      optimizer_(std::move(optimizer)) {
+  TORCH_CHECK(!graphs_.empty(), "NativeStep needs at least one captured graph");
+  TORCH_CHECK(optimizer_ != nullptr, "NativeStep needs an optimizer");
+  TORCH_CHECK(accumulate_.size() == params_.size(), "NativeStep: accumulate needs one flag per parameter");
+  const auto num_params = static_cast<int64_t>(params_.size());
+  const auto num_state = static_cast<int64_t>(state_.size());
+  const auto num_batch = static_cast<int64_t>(sample_shapes_.size());
+  for (auto& [batch_size, graph] : graphs_) {
+    TORCH_CHECK(graph != nullptr, "NativeStep: the graph for batch size ", batch_size, " is missing");
+    TORCH_CHECK(graph->num_inputs() == num_params + num_state + num_batch, "the graph for batch size ",
+                batch_size, " takes ", graph->num_inputs(), " inputs, expected ", num_params + num_state + num_batch);
+    TORCH_CHECK(graph->num_outputs() >= num_params + 1, "the graph for batch size ", batch_size, " returns ",
+                graph->num_outputs(), " values, expected at least ", num_params + 1,
+                " (a gradient per parameter, the loss, the train metrics)");
+    TORCH_CHECK(graph->num_outputs() == graphs_.front().second->num_outputs(),
+                "the graphs for different batch sizes return different numbers of values");
+    for (int64_t i = 0; i < num_params; ++i) graph->bind_input(i, params_[i]);
+    for (int64_t i = 0; i < num_state; ++i) graph->bind_input(num_params + i, state_[i]);
+  }
+  grads_.resize(params_.size());
+  metrics_.resize(graphs_.front().second->num_outputs() - num_params - 1);
+}
+
+OpGraph& NativeStep::graph_for(int64_t batch_size) {
+  for (auto& [size, graph] : graphs_)
+    if (size == batch_size) return *graph;
+  TORCH_CHECK(false, "the native engine has no graph captured for batch size ", batch_size);
+}
+
+void NativeStep::check_batch(const std::vector<at::Tensor>& batch) const {
+  TORCH_CHECK(batch.size() == sample_shapes_.size(), "the native step was captured for ", sample_shapes_.size(),
+              " batch tensors, got ", batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const auto sizes = batch[i].sizes();
+    const auto& expected = sample_shapes_[i];
+    TORCH_CHECK(sizes.size() == expected.size() + 1 && sizes.slice(1).equals(expected), "batch tensor ", i,
+                " has shape ", sizes, ", the native step was captured for samples of shape ", expected);
+  }
+}
+
+at::Tensor NativeStep::run(const std::vector<at::Tensor>& batch) {
+  check_batch(batch);
+  OpGraph& graph = graph_for(batch.front().size(0));
+  const auto first_batch_input = static_cast<int64_t>(params_.size() + state_.size());
+  for (size_t i = 0; i < batch.size(); ++i) graph.bind_input(first_batch_input + static_cast<int64_t>(i), batch[i]);
+  graph.run();
+  const auto num_params = static_cast<int64_t>(params_.size());
+  const at::Tensor& loss = graph.output(num_params);
+  for (size_t i = 0; i < metrics_.size(); ++i) metrics_[i] = graph.output(num_params + 1 + static_cast<int64_t>(i));
+  // A plain loop that skips a non-finite batch leaves .grad and the optimizer untouched.
+  if (guard_nonfinite_ && !std::isfinite(loss.item<double>())) return loss;
+
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& grad = graph.output(static_cast<int64_t>(i));
+    at::Tensor& param = params_[i];
+    at::Tensor& slot = param.mutable_grad();
+    if (accumulate_[i] && slot.defined()) {
+      slot.add_(grad);
+    } else if (grad.strides() == param.strides() && grad.sizes() == param.sizes()) {
+      slot = grad;
+    } else {
+      // torch's gradient layout contract: .grad has the parameter's strides.
+      slot = at::empty_strided(param.sizes(), param.strides(), param.options());
+      slot.copy_(grad);
+    }
+    grads_[i] = slot;
+  }
+  optimizer_->step(grads_);
+  ++steps_;
+  return loss;
+}
+
+}  // namespace hotloop

@@ -1,0 +1,52 @@
+// NativeStep: one training step as a captured joint graph run through the dispatcher plus a native optimizer.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "engine/op_graph.h"
+#include "engine/step.h"
+#include "optim/optimizer.h"
+
+namespace hotloop {
+
+class NativeStep final : public Step {
+ public:
+  // params: the trainable parameters, in the order the graphs take them and return their gradients.
+  // state: frozen parameters and buffers, the graphs' next inputs (updated in place by the graphs).
+  // graphs: one per batch size, each taking (params..., state..., batch...) and returning
+  // (grads..., loss, train metrics...). sample_shapes: the per-tensor sample shape the graphs were
+  // captured for.
+  // accumulate[i]: params[i] is not stepped by the optimizer, so, as in a plain loop whose zero_grad()
+  // never reaches it, its .grad sums over steps instead of holding the last batch's gradient.
+  NativeStep(std::vector<at::Tensor> params, std::vector<at::Tensor> state,
+             std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> graphs,
+             std::vector<std::vector<int64_t>> sample_shapes, std::vector<bool> accumulate,
+             std::shared_ptr<NativeOptimizer> optimizer);
+
+  at::Tensor run(const std::vector<at::Tensor>& batch) override;
+  std::vector<at::Tensor> last_metrics() const override { return metrics_; }
+
+  int64_t steps() const { return steps_; }
+  const std::shared_ptr<NativeOptimizer>& optimizer() const { return optimizer_; }
+
+ private:
+  OpGraph& graph_for(int64_t batch_size);
+  void check_batch(const std::vector<at::Tensor>& batch) const;
+
+  std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> state_;
+  std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> graphs_;
+  std::vector<std::vector<int64_t>> sample_shapes_;
+  std::vector<bool> accumulate_;
+  std::shared_ptr<NativeOptimizer> optimizer_;
+  std::vector<at::Tensor> grads_;
+  std::vector<at::Tensor> metrics_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace hotloop

@@ -1,0 +1,485 @@
+"""Capture for the native engine: model + loss as one joint forward+backward ATen graph, lowered to ops.
+
+``capture_step`` traces ``torch.func.grad_and_value`` over ``torch.func.functional_call`` with ``make_fx`` on
+fake tensors (so tracing has no side effects and data-dependent control flow fails loudly), lowers the
+graph to a ``_C.OpGraph`` that C++ runs through the dispatcher, and checks it against an eager autograd
+step on a real batch before anyone trains with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.func import functional_call, grad_and_value
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ._native import _C
+
+
+class CaptureError(RuntimeError):
+    """The model and loss cannot be captured as one static ATen graph; the message says why."""
+
+
+@dataclass
+class CapturedStep:
+    """What the native engine trains with: the user's tensors, in the order the graphs take them."""
+
+    param_names: list[str]  # trainable parameters: graph inputs first, gradients come out in this order
+    params: list[torch.Tensor]
+    state_names: list[str]  # frozen parameters and buffers: graph inputs after the params, updated in place
+    state: list[torch.Tensor]
+    graphs: dict[int, Any] = field(default_factory=dict)  # batch size -> _C.OpGraph
+    num_batch_inputs: int = 0
+
+
+# Ops without a schema-declared mutation that still write into an argument (running statistics).
+_HIDDEN_MUTATION = ("batch_norm",)
+
+
+def _split_parameters(
+    model: nn.Module,
+) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
+    train_names, train, state_names, state = [], [], [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            train_names.append(name)
+            train.append(param)
+        else:
+            state_names.append(name)
+            state.append(param)
+    for name, buffer in model.named_buffers():
+        state_names.append(name)
+        state.append(buffer)
+    return train_names, train, state_names, state
+
+
+def _joint_step(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    last_label: bool,
+    train_names: Sequence[str],
+    state_names: Sequence[str],
+    metrics: Sequence[Callable[..., Any]] = (),
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``(params, state, *batch) -> (*grads, loss, *metrics)``: a training step's maths without the update."""
+
+    def loss_of(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
+        tensors = dict(zip(train_names, params, strict=True))
+        tensors.update(zip(state_names, state, strict=True))
+        if last_label:
+            *inputs, labels = batch
+            pred = functional_call(model, tensors, tuple(inputs))
+            loss = loss_fn(pred, labels)
+        else:
+            labels = None
+            pred = functional_call(model, tensors, tuple(batch))
+            loss = loss_fn(pred)
+        if not isinstance(loss, torch.Tensor):
+            raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise CaptureError(f"loss_fn must return a single value, got shape {tuple(loss.shape)}")
+        aux = (pred.detach(), labels) if metrics else ()
+        return loss.reshape(()), aux
+
+    def joint(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
+        grads, (loss, aux) = grad_and_value(loss_of, has_aux=True)(params, state, batch)
+        values = []
+        for i, metric in enumerate(metrics):
+            value = metric(*aux) if last_label else metric(aux[0])
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                raise CaptureError(
+                    f"train metric {i} must return a single-element tensor for the native engine"
+                )
+            values.append(value.detach().reshape(()))
+        return (*grads, loss, *values)
+
+    return joint
+
+
+def trace_step(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batch: Sequence[torch.Tensor],
+    *,
+    last_label: bool,
+    metrics: Sequence[Callable[..., Any]] = (),
+) -> fx.GraphModule:
+    """The joint forward+backward graph of one training step on batches shaped like ``batch``.
+
+    Placeholders are the trainable parameters, then frozen parameters and buffers, then the batch
+    tensors; outputs are the gradient of each trainable parameter, the loss, then each train metric.
+    """
+    train_names, train, state_names, state = _split_parameters(model)
+    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics)
+    was_training = model.training
+    model.train()
+    try:
+        return make_fx(joint, tracing_mode="fake")(list(train), list(state), *batch)
+    except CaptureError:
+        raise
+    except Exception as exc:  # any tracing failure is a reason to fall back, reported verbatim
+        raise CaptureError(_describe_trace_failure(exc)) from exc
+    finally:
+        model.train(was_training)
+
+
+def _describe_trace_failure(exc: Exception) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    name = type(exc).__name__
+    if "data-dependent" in str(exc) or "DataDependent" in name:
+        return (
+            "forward or loss_fn has data-dependent Python control flow or reads tensor values in Python "
+            f"({name}: {first_line})"
+        )
+    return f"tracing failed ({name}: {first_line})"
+
+
+def _eliminate_dead_code(graph: fx.Graph) -> list[fx.Node]:
+    """Nodes that matter, in order: outputs, their inputs, ops that write memory or draw random numbers."""
+    live: set[fx.Node] = set()
+    nodes = list(graph.nodes)
+    for node in reversed(nodes):
+        keep = node.op in ("output", "placeholder") or any(user in live for user in node.users)
+        if not keep and node.op == "call_function":
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                keep = node.is_impure() or any(word in target._schema.name for word in _HIDDEN_MUTATION)
+            elif target is not operator.getitem:
+                keep = True  # unknown: lowering will reject it with a clear message
+        if keep:
+            live.add(node)
+    return [node for node in nodes if node in live]
+
+
+def _is_tensor_type(arg_type: torch._C.JitType) -> bool:
+    text = str(arg_type)
+    return text in ("Tensor", "Optional[Tensor]")
+
+
+def _normalise(target: torch._ops.OpOverload, node: fx.Node) -> list[Any]:
+    """The node's arguments in the schema's order, with fx.Node where a value flows in and _DEFAULT where
+    the schema's default applies."""
+    schema = target._schema
+    values: list[Any] = []
+    for i, formal in enumerate(schema.arguments):
+        if i < len(node.args) and not formal.kwarg_only:
+            values.append(node.args[i])
+        elif formal.name in node.kwargs:
+            values.append(node.kwargs[formal.name])
+        elif formal.has_default_value():
+            values.append(_DEFAULT)
+        else:
+            raise CaptureError(f"{target}: argument '{formal.name}' is missing in the captured graph")
+    extra = set(node.kwargs) - {formal.name for formal in schema.arguments}
+    if len(node.args) > len(schema.arguments) or extra:
+        raise CaptureError(f"{target}: the captured call does not match its schema {schema}")
+    return values
+
+
+_DEFAULT = object()
+
+
+def lower(gm: fx.GraphModule, num_inputs: int) -> Any:
+    """Lower a traced graph to a ``_C.OpGraph``: inputs are the placeholders in order, outputs the flattened
+    outputs. Raises CaptureError for anything that is not a plain ATen op call."""
+    nodes = _eliminate_dead_code(gm.graph)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != num_inputs:
+        raise CaptureError(f"the captured graph takes {len(placeholders)} inputs, expected {num_inputs}")
+
+    slot: dict[fx.Node, int] = {}  # value node -> slot
+    results_of: dict[fx.Node, list[int]] = {}  # multi-output node -> slot per output
+    constants: list[tuple[int, torch.Tensor]] = []
+    next_slot = num_inputs
+    for i, node in enumerate(placeholders):
+        slot[node] = i
+
+    def new_slots(count: int) -> list[int]:
+        nonlocal next_slot
+        slots = list(range(next_slot, next_slot + count))
+        next_slot += count
+        return slots
+
+    ops: list[dict[str, Any]] = []
+    outputs: list[int] = []
+    for node in nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "get_attr":
+            value = getattr(gm, node.target)
+            if not isinstance(value, torch.Tensor):
+                raise CaptureError(f"the captured graph holds a constant of type {type(value).__name__}")
+            (slot[node],) = new_slots(1)
+            constants.append((slot[node], value))
+            continue
+        if node.op == "output":
+            flat = torch.utils._pytree.tree_leaves(node.args[0])
+            for value in flat:
+                if not isinstance(value, fx.Node) or value not in slot:
+                    raise CaptureError(f"graph output {value!r} is not a tensor computed by the graph")
+                outputs.append(slot[value])
+            continue
+        if node.op != "call_function":
+            raise CaptureError(f"unsupported graph node {node.op} {node.target}")
+        target = node.target
+        if target is operator.getitem:
+            parent, index = node.args
+            if parent not in results_of:
+                raise CaptureError(f"getitem on a value that is not a multi-output op result: {parent}")
+            slot[node] = results_of[parent][index]
+            continue
+        if not isinstance(target, torch._ops.OpOverload):
+            raise CaptureError(f"unsupported operation in the captured graph: {target}")
+        schema = target._schema
+        args = []
+        for formal, value in zip(schema.arguments, _normalise(target, node), strict=True):
+            args.append(_encode_argument(target, formal, value, slot))
+        val = node.meta.get("val")
+        returns = schema.returns
+        unpacked = -1
+        if len(returns) == 1 and str(returns[0].type) == "List[Tensor]":
+            if not isinstance(val, (list, tuple)):
+                raise CaptureError(f"{target}: unknown number of returned tensors")
+            unpacked = len(val)
+            results = new_slots(unpacked)
+            results_of[node] = results
+            op_results = [results[0] if results else -1]
+        elif len(returns) == 1:
+            if not _is_tensor_type(returns[0].type):
+                raise CaptureError(f"{target} returns {returns[0].type}, not a tensor")
+            (slot[node],) = new_slots(1)
+            op_results = [slot[node]]
+        else:
+            results = new_slots(len(returns))
+            results_of[node] = results
+            op_results = results
+        ops.append(
+            {
+                "node": node,
+                "name": schema.name,
+                "overload": schema.overload_name,
+                "args": args,
+                "results": op_results,
+                "unpacked": unpacked,
+            }
+        )
+
+    # Free each intermediate after its last reader, and results nobody reads right away.
+    pinned = set(range(num_inputs)) | {s for s, _ in constants} | set(outputs)
+    last_reader: dict[int, int] = {}
+    for index, op in enumerate(ops):
+        for kind, *payload in op["args"]:
+            if kind == "slot":
+                last_reader[payload[0]] = index
+            elif kind == "list":
+                for s in payload[0]:
+                    if s is not None:
+                        last_reader[s] = index
+    for index, op in enumerate(ops):
+        written = op["results"] if op["unpacked"] < 0 else _unpacked_slots(op)
+        for s in written:
+            if s >= 0 and s not in pinned and s not in last_reader:
+                last_reader[s] = index
+    release: dict[int, list[int]] = {}
+    for s, index in last_reader.items():
+        if s not in pinned:
+            release.setdefault(index, []).append(s)
+
+    graph = _C.OpGraph(num_inputs)
+    graph.reserve_slots(next_slot)
+    for s, value in constants:
+        graph.set_constant(s, value)
+    for index, op in enumerate(ops):
+        try:
+            graph.add_op(
+                op["name"], op["overload"], op["args"], op["results"], release.get(index, []), op["unpacked"]
+            )
+        except Exception as exc:
+            raise CaptureError(f"cannot lower {op['node'].target}: {exc}") from exc
+    graph.set_outputs(outputs)
+    return graph
+
+
+def _unpacked_slots(op: dict[str, Any]) -> list[int]:
+    base = op["results"][0]
+    return list(range(base, base + op["unpacked"])) if base >= 0 else []
+
+
+def _encode_argument(target: Any, formal: Any, value: Any, slot: dict[fx.Node, int]) -> tuple[Any, ...]:
+    if value is _DEFAULT:
+        return ("default",)
+    if isinstance(value, fx.Node):
+        if value not in slot:
+            raise CaptureError(
+                f"{target}: argument '{formal.name}' is a non-tensor value computed in the graph"
+            )
+        if not _is_tensor_type(formal.type):
+            raise CaptureError(
+                f"{target}: argument '{formal.name}' of type {formal.type} depends on tensor data "
+                "(data-dependent shapes or scalars cannot be captured)"
+            )
+        return ("slot", slot[value])
+    if isinstance(value, (list, tuple)) and any(isinstance(v, fx.Node) for v in value):
+        items = []
+        for v in value:
+            if v is None:
+                items.append(None)
+            elif isinstance(v, fx.Node) and v in slot:
+                items.append(slot[v])
+            else:
+                raise CaptureError(
+                    f"{target}: argument '{formal.name}' mixes tensors and values computed from tensor data"
+                )
+        return ("list", items)
+    if isinstance(value, torch.Tensor):
+        raise CaptureError(f"{target}: argument '{formal.name}' is an untracked tensor constant")
+    return ("const", value)
+
+
+def capture_step(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batches: Sequence[Sequence[torch.Tensor]],
+    *,
+    last_label: bool,
+    metrics: Sequence[Callable[..., Any]] = (),
+) -> CapturedStep:
+    """Capture and lower one graph per batch size in ``batches`` (real example batches), each checked
+    against an eager autograd step on its example batch. Raises CaptureError with the reason.
+
+    The graphs return ``(*grads, loss, *metrics)``; each metric is called as ``metric(pred, labels)``
+    (``metric(pred)`` without labels) on the step's predictions."""
+    train_names, train, state_names, state = _split_parameters(model)
+    if not train:
+        raise CaptureError("the model has no trainable parameters")
+    captured = CapturedStep(train_names, train, state_names, state, num_batch_inputs=len(batches[0]))
+    num_inputs = len(train) + len(state) + captured.num_batch_inputs
+    for batch in batches:
+        size = batch[0].shape[0]
+        if size in captured.graphs:
+            continue
+        gm = trace_step(model, loss_fn, batch, last_label=last_label, metrics=metrics)
+        graph = lower(gm, num_inputs)
+        verify(graph, captured, model, loss_fn, batch, last_label=last_label, metrics=metrics)
+        captured.graphs[size] = graph
+    return captured
+
+
+def verify(
+    graph: Any,
+    captured: CapturedStep,
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batch: Sequence[torch.Tensor],
+    *,
+    last_label: bool,
+    metrics: Sequence[Callable[..., Any]] = (),
+    rtol: float = 1e-4,
+) -> None:
+    """Run ``graph`` and an eager autograd step (on a deep copy) from the same parameters, buffers and RNG
+    state, and raise CaptureError if loss, gradients or buffer updates disagree: the capture froze
+    something that an eager step computes differently (Python state, data-dependent control flow).
+    Leaves the model, its buffers and the RNG state untouched."""
+    devices = [d for d in {t.device for t in (*captured.params, *batch)} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        rng = torch.get_rng_state()
+        cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
+        reference = _eager_reference(model, loss_fn, batch, last_label=last_label, metrics=metrics)
+        torch.set_rng_state(rng)
+        for d, s in zip(devices, cuda_rng, strict=True):
+            torch.cuda.set_rng_state(s, d)
+        state = [t.detach().clone() for t in captured.state]
+        inputs = [p.detach().clone() for p in captured.params] + state + [t for t in batch]
+        try:
+            outputs = graph(inputs)
+        except Exception as exc:
+            raise CaptureError(f"the captured graph fails to run: {exc}") from exc
+    ref_loss, ref_grads, ref_state, ref_metrics = reference
+    num_params = len(captured.params)
+    if len(outputs) != num_params + 1 + len(metrics):
+        raise CaptureError(
+            f"the captured graph returns {len(outputs)} values, expected {num_params + 1 + len(metrics)}"
+        )
+    random = any(
+        name.startswith(("aten::bernoulli", "aten::rand", "aten::normal", "aten::native_dropout"))
+        for name in graph.op_names
+    )
+    hint = (
+        "forward or loss_fn behaves differently from the captured graph (Python state or data-dependent "
+        "control flow that tracing froze" + (", or random numbers drawn differently" if random else "") + ")"
+    )
+    _compare("the loss", outputs[num_params], ref_loss, rtol, hint)
+    for i, (value, ref) in enumerate(zip(outputs[num_params + 1 :], ref_metrics, strict=True)):
+        _compare(f"train metric {i}", value, ref, rtol, hint)
+    for name, grad in zip(captured.param_names, outputs[:num_params], strict=True):
+        ref = ref_grads[name]
+        if ref is None:
+            raise CaptureError(
+                f"parameter '{name}' gets no gradient from the loss; the native engine needs every trainable "
+                "parameter to be used (set requires_grad=False on unused ones)"
+            )
+        _compare(f"the gradient of '{name}'", grad, ref, rtol, hint)
+    for name, value in zip(captured.state_names, state, strict=True):
+        _compare(f"buffer '{name}' after the step", value, ref_state[name], rtol, hint)
+
+
+def _eager_reference(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batch: Sequence[torch.Tensor],
+    *,
+    last_label: bool,
+    metrics: Sequence[Callable[..., Any]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Loss, gradients, buffers and metrics after one plain forward/backward of a copy of ``model``."""
+    try:
+        twin = copy.deepcopy(model)
+    except Exception as exc:
+        raise CaptureError(f"the model cannot be deep-copied for the capture check ({exc})") from exc
+    twin.train()
+    for p in twin.parameters():
+        p.grad = None
+    with torch.enable_grad():
+        if last_label:
+            *inputs, labels = batch
+            pred = twin(*inputs)
+            loss = loss_fn(pred, labels)
+        else:
+            pred = twin(*batch)
+            loss = loss_fn(pred)
+        loss.backward()
+    with torch.no_grad():
+        values = [
+            torch.as_tensor(metric(pred, labels) if last_label else metric(pred)).detach().reshape(())
+            for metric in metrics
+        ]
+    grads = {name: p.grad for name, p in twin.named_parameters() if p.requires_grad}
+    state = {name: p.detach() for name, p in twin.named_parameters() if not p.requires_grad}
+    state.update({name: b for name, b in twin.named_buffers()})
+    return loss.detach().reshape(()), grads, state, values
+
+
+def _compare(what: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, hint: str) -> None:
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        raise CaptureError(
+            f"{what} has shape {tuple(actual.shape)} {actual.dtype} in the captured graph but "
+            f"{tuple(expected.shape)} {expected.dtype} in an eager step: {hint}"
+        )
+    if not actual.is_floating_point():
+        if not torch.equal(actual, expected):
+            raise CaptureError(f"{what} differs between the captured graph and an eager step: {hint}")
+        return
+    scale = expected.detach().abs().nan_to_num(0.0).max().item() if expected.numel() else 0.0
+    atol = rtol * scale + 1e-12
+    if not torch.allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True):
+        error = (actual - expected).abs().nan_to_num(float("inf")).max().item()
+        raise CaptureError(
+            f"{what} differs between the captured graph and an eager step (max abs difference {error:.3g}, "
+            f"largest value {scale:.3g}): {hint}"
+        )
