@@ -37,13 +37,24 @@ CONTENDERS = [
 SWEEP = ("hotloop graph", "hotloop native", "hotloop python", BASELINE, "raw-ops floor")
 
 
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 def select(names: list[str] | tuple[str, ...] | None = None) -> list[Contender]:
-    """The contenders named (case-insensitive), in report order; all of them for None."""
+    """The contenders named, in report order; all of them for None.
+
+    Case, spaces and punctuation are ignored (``eager-loop``, ``raw_ops_floor``), and ``hotloop`` names
+    all of hotloop's engines.
+    """
     if names is None:
         return list(CONTENDERS)
-    known = {c.name.lower(): c for c in CONTENDERS}
-    unknown = [n for n in names if n.lower() not in known]
+    wanted = {_key(n) for n in names}
+    unknown = [n for n in names if _key(n) != "hotloop" and _key(n) not in {_key(c.name) for c in CONTENDERS}]
     if unknown:
         raise ValueError(f"unknown contender(s) {unknown}; choose from {[c.name for c in CONTENDERS]}")
-    wanted = {n.lower() for n in names}
-    return [c for c in CONTENDERS if c.name.lower() in wanted]
+    return [
+        c
+        for c in CONTENDERS
+        if _key(c.name) in wanted or ("hotloop" in wanted and c.name.startswith("hotloop"))
+    ]

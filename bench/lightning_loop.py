@@ -36,8 +36,9 @@ def lightning_trainer(w: Workload, data: Data, device: torch.device) -> Runner:
             return optimizer
 
     gate = _Gate(w.steps, device)
+    accelerator, devices = ("gpu", [device.index or 0]) if device.type == "cuda" else ("cpu", 1)
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=-1, max_steps=-1,
+        accelerator=accelerator, devices=devices, max_epochs=-1, max_steps=-1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[gate.callback(L.Callback)],
     )  # fmt: skip

@@ -123,7 +123,7 @@ def markdown(results: Sequence[Result], sweeps: Sweeps, env: dict) -> str:
     for name, points in sweeps.items():
         first = points[0]
         fixed = f"{first.steps} steps per window" if name == "batch size" else f"batch {first.batch_size}"
-        out += ["", f"Samples per second as the {name} grows ({first.title}, {fixed}):", ""]
+        out += ["", f"Samples per second as the {name} grows; {first.title}, {fixed}:", ""]
         out += _grid(points, [name], [str(p.param[1]) for p in points], "samples_per_sec")
     skips = _skips(list(results) + [p for points in sweeps.values() for p in points])
     if skips:

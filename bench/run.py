@@ -33,10 +33,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--workloads", help=f"comma-separated subset of: {','.join(workloads.standard())} (or none)"
     )
-    p.add_argument("--contenders", help="comma-separated subset of: " + ",".join(c.name for c in CONTENDERS))
+    names = ", ".join(c.name for c in CONTENDERS)
+    p.add_argument("--contenders", help=f"comma-separated subset of: {names} (case and punctuation ignored)")
     p.add_argument("--sweep", choices=("all", "batch", "width", "none"), default="all", help="scaling sweeps")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 on CPU, torch's default on CUDA)")
-    p.add_argument("--repetitions", type=int, help="timed windows per contender (default: 3 quick, 10 full)")
+    p.add_argument("--repetitions", type=int, help="timed windows per contender (default: 3 quick, 15 full)")
     p.add_argument("--warmup", type=int, default=1, help="untimed windows per contender first (default: 1)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out", help="output folder")
     return p.parse_args(argv)
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    repetitions = args.repetitions or (3 if args.quick else 10)
+    repetitions = args.repetitions or (3 if args.quick else 15)
     contenders = select(_names(args.contenders))
     sweep_contenders = [c for c in contenders if c.name in SWEEP]
     chosen, sweeps = plan(args)

@@ -163,14 +163,14 @@ def standard(quick: bool = False) -> dict[str, Workload]:
 
 
 def batch_sweep(quick: bool = False) -> list[Workload]:
-    """MLP 16-32-1 at growing batch sizes, 64 steps each: from launch-bound to compute-bound."""
-    sizes = (8, 64, 512, 4096) if quick else (8, 32, 128, 512, 2048, 8192)
+    """MLP 16-32-1 at growing batch sizes: from launch-bound to compute-bound."""
+    sizes, steps = ((8, 64, 512, 4096), 64) if quick else ((8, 32, 128, 512, 2048, 8192), 128)
     title = "MLP 16-32-1 regression (MSE, Adam)"
-    return [replace(mlp16(batch_size=b, steps=64), title=title, param=("batch size", b)) for b in sizes]
+    return [replace(mlp16(batch_size=b, steps=steps), title=title, param=("batch size", b)) for b in sizes]
 
 
 def width_sweep(quick: bool = False) -> list[Workload]:
     """MLP 16-W-1 at batch 32 with growing hidden width W."""
-    widths = (8, 128, 2048) if quick else (8, 32, 128, 512, 2048)
+    widths, steps = ((8, 128, 2048), 128) if quick else ((8, 32, 128, 512, 2048), 256)
     title = "MLP 16-W-1 regression (MSE, Adam)"
-    return [replace(mlp16(hidden=w, steps=128), title=title, param=("hidden width", w)) for w in widths]
+    return [replace(mlp16(hidden=w, steps=steps), title=title, param=("hidden width", w)) for w in widths]

@@ -164,6 +164,8 @@ def test_lightning_runs_in_windows_and_stops():
 
 def test_select_rejects_unknown_names():
     assert [c.name for c in select(["EAGER LOOP"])] == [BASELINE]
+    assert [c.name for c in select(["raw_ops_floor", "eager-loop"])] == [BASELINE, "raw-ops floor"]
+    assert [c.name for c in select(["hotloop"])] == ["hotloop graph", "hotloop native", "hotloop python"]
     with pytest.raises(ValueError, match="unknown contender"):
         select(["eager", "nope"])
 
