@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repository root, for `bench`
 
 from bench import report, run, workloads  # noqa: E402
 from bench.contenders import BASELINE, Contender, select  # noqa: E402
