@@ -110,7 +110,8 @@ class _Gate:
 
     def window(self) -> float:
         self.go.release()
-        self.done.acquire()
+        if not self.done.acquire(timeout=600):
+            raise TimeoutError("Lightning's training thread ran no window in 10 minutes")
         if self.finished:
             raise RuntimeError(f"Lightning's training stopped: {self.error!r}") from self.error
         return self.loss
