@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     swept = {label: [run(w, sweep_contenders) for w in points] for label, points in sweeps.items()}
     env["seconds"] = round(time.perf_counter() - started, 1)
 
-    print()
+    print("\n" + report.environment_line(env) + "\n")
     print(report.table(results + [p for points in swept.values() for p in points]))
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(args.out / "results.json", results, swept, env)
