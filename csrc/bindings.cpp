@@ -71,6 +71,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("params"), py::arg("state"), py::arg("graphs"), py::arg("sample_shapes"), py::arg("accumulate"),
            py::arg("optimizer"))
       .def("run", &NativeStep::run, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
+      .def("bind", &NativeStep::bind, py::arg("params"), py::arg("state"))
       .def_property_readonly("steps", &NativeStep::steps)
       .def_property_readonly("optimizer", &NativeStep::optimizer);
 

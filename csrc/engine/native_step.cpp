@@ -23,7 +23,7 @@ NativeStep::NativeStep(std::vector<at::Tensor> params, std::vector<at::Tensor> s
   const auto num_params = static_cast<int64_t>(params_.size());
   const auto num_state = static_cast<int64_t>(state_.size());
   const auto num_batch = static_cast<int64_t>(sample_shapes_.size());
-  for (auto& [batch_size, graph] : graphs_) {
+  for (const auto& [batch_size, graph] : graphs_) {
     TORCH_CHECK(graph != nullptr, "NativeStep: the graph for batch size ", batch_size, " is missing");
     TORCH_CHECK(graph->num_inputs() == num_params + num_state + num_batch, "the graph for batch size ",
                 batch_size, " takes ", graph->num_inputs(), " inputs, expected ", num_params + num_state + num_batch);
@@ -32,11 +32,23 @@ NativeStep::NativeStep(std::vector<at::Tensor> params, std::vector<at::Tensor> s
                 " (a gradient per parameter, the loss, the train metrics)");
     TORCH_CHECK(graph->num_outputs() == graphs_.front().second->num_outputs(),
                 "the graphs for different batch sizes return different numbers of values");
-    for (int64_t i = 0; i < num_params; ++i) graph->bind_input(i, params_[i]);
-    for (int64_t i = 0; i < num_state; ++i) graph->bind_input(num_params + i, state_[i]);
   }
+  bind(params_, state_);
   grads_.resize(params_.size());
   metrics_.resize(graphs_.front().second->num_outputs() - num_params - 1);
+}
+
+void NativeStep::bind(std::vector<at::Tensor> params, std::vector<at::Tensor> state) {
+  TORCH_CHECK(params.size() == params_.size() && state.size() == state_.size(), "NativeStep::bind needs ",
+              params_.size(), " parameters and ", state_.size(), " state tensors, got ", params.size(), " and ",
+              state.size());
+  params_ = std::move(params);
+  state_ = std::move(state);
+  const auto num_params = static_cast<int64_t>(params_.size());
+  for (auto& [batch_size, graph] : graphs_) {
+    for (int64_t i = 0; i < num_params; ++i) graph->bind_input(i, params_[i]);
+    for (size_t i = 0; i < state_.size(); ++i) graph->bind_input(num_params + static_cast<int64_t>(i), state_[i]);
+  }
 }
 
 OpGraph& NativeStep::graph_for(int64_t batch_size) {

@@ -29,6 +29,8 @@ class NativeStep final : public Step {
              std::shared_ptr<NativeOptimizer> optimizer);
 
   at::Tensor run(const std::vector<at::Tensor>& batch) override;
+  // Points the graphs at new parameter and state tensors of the same shapes (the model replaced some).
+  void bind(std::vector<at::Tensor> params, std::vector<at::Tensor> state);
   std::vector<at::Tensor> last_metrics() const override { return metrics_; }
 
   int64_t steps() const { return steps_; }

@@ -37,6 +37,35 @@ class CapturedStep:
     graphs: dict[int, Any] = field(default_factory=dict)  # batch size -> _C.OpGraph
     num_batch_inputs: int = 0
 
+    def refresh(self, model: nn.Module) -> bool:
+        """Follow tensors the model replaced since capture (``module.weight = ...``, ``load_state_dict(...,
+        assign=True)``): True when the lists changed and must be bound again. Raises CaptureError when the
+        graphs no longer fit the model (a tensor appeared or vanished, became frozen or trainable, or
+        changed shape, dtype or device)."""
+        train_names, train, state_names, state = _split_parameters(model)
+        if train_names != self.param_names or state_names != self.state_names:
+            changed = sorted(set(train_names) ^ set(self.param_names)) or sorted(
+                set(state_names) ^ set(self.state_names)
+            )
+            raise CaptureError(
+                "the model's trainable parameters or buffers changed since the step was captured "
+                f"({', '.join(changed) or 'their order'}); start a new fit() to capture it again"
+            )
+        replaced = False
+        for names, old, new in ((train_names, self.params, train), (state_names, self.state, state)):
+            for name, before, now in zip(names, old, new, strict=True):
+                if now is before:
+                    continue
+                if (now.shape, now.dtype, now.device) != (before.shape, before.dtype, before.device):
+                    raise CaptureError(
+                        f"'{name}' was replaced by a tensor of another shape, dtype or device since the step "
+                        "was captured; start a new fit() to capture it again"
+                    )
+                replaced = True
+        if replaced:
+            self.params, self.state = train, state
+        return replaced
+
 
 # Ops without a schema-declared mutation that still write into an argument (running statistics).
 _HIDDEN_MUTATION = ("batch_norm",)
@@ -84,7 +113,7 @@ def _joint_step(
             raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
         if loss.numel() != 1:
             raise CaptureError(f"loss_fn must return a single value, got shape {tuple(loss.shape)}")
-        aux = (pred.detach(), labels) if metrics else ()
+        aux = (torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, pred), labels) if metrics else ()
         return loss.reshape(()), aux
 
     def joint(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
@@ -185,9 +214,107 @@ def _normalise(target: torch._ops.OpOverload, node: fx.Node) -> list[Any]:
 _DEFAULT = object()
 
 
+_aten = torch.ops.aten
+# Factories whose result depends only on constants and input metadata: computed once at capture when
+# nothing writes to the result.
+_CONSTANT_FACTORIES = {
+    _aten.ones_like.default,
+    _aten.zeros_like.default,
+    _aten.full_like.default,
+    _aten.empty_like.default,
+    _aten.empty.memory_format,
+    _aten.zeros.default,
+    _aten.ones.default,
+    _aten.full.default,
+    _aten.scalar_tensor.default,
+}
+
+
+def _layout(value: Any) -> tuple[Any, ...] | None:
+    if not isinstance(value, torch.Tensor):
+        return None
+    return (value.shape, value.stride(), value.storage_offset(), value.dtype, value.device)
+
+
+def _simplify(gm: fx.GraphModule) -> None:
+    """Per-step work the graph does not need: view ops whose result is laid out exactly like a tensor they
+    view (``t(t(w))``, ``view(x, x.shape)``) become that tensor, and constant factories that nothing writes
+    (the ``ones_like`` that seeds the backward pass) become constants. Dead nodes are left for DCE."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        target = node.target
+        if target.is_view and len(target._schema.returns) == 1 and node.args:
+            layout = _layout(node.meta.get("val"))
+            source = node.args[0]
+            while layout is not None and isinstance(source, fx.Node):
+                if _layout(source.meta.get("val")) == layout:
+                    node.replace_all_uses_with(source)
+                    break
+                viewed = source.op == "call_function" and isinstance(source.target, torch._ops.OpOverload)
+                if not (viewed and source.target.is_view and source.args):
+                    break
+                source = source.args[0]
+        elif target in _CONSTANT_FACTORIES and not _may_be_written(node):
+            value = _evaluate_factory(node)
+            if value is None:
+                continue
+            name = f"_hotloop_constant_{len([n for n in graph.nodes if n.op == 'get_attr'])}"
+            gm.register_buffer(name, value, persistent=False)
+            with graph.inserting_before(node):
+                constant = graph.get_attr(name)
+            constant.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(constant)
+
+
+def _may_be_written(node: fx.Node) -> bool:
+    """Whether an op may write into ``node``'s value, directly or through a view, or it leaves the graph."""
+    for user in node.users:
+        if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
+            return True  # an output (grads may be updated in place) or something unknown
+        schema = user.target._schema
+        if any(word in schema.name for word in _HIDDEN_MUTATION):
+            return True
+        for formal, value in zip(schema.arguments, _normalise(user.target, user), strict=True):
+            used = value is node or (isinstance(value, (list, tuple)) and any(v is node for v in value))
+            if not used or formal.alias_info is None:
+                continue
+            if formal.alias_info.is_write or (user.target.is_view and _may_be_written(user)):
+                return True
+            if not user.target.is_view:
+                return True  # aliases its input without being a view: be conservative
+    return False
+
+
+def _evaluate_factory(node: fx.Node) -> torch.Tensor | None:
+    expected = node.meta.get("val")
+    if _layout(expected) is None:
+        return None
+
+    def real(value: Any) -> Any:
+        if isinstance(value, fx.Node):
+            meta = value.meta.get("val")
+            if _layout(meta) is None:
+                raise CaptureError("unknown input layout")
+            return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=meta.device)
+        return value
+
+    try:
+        args = [real(a) for a in node.args]
+        kwargs = {k: real(v) for k, v in node.kwargs.items()}
+        value = node.target(*args, **kwargs)
+    except Exception:
+        return None
+    if node.target in (_aten.empty.memory_format, _aten.empty_like.default):
+        value.zero_()  # any contents are valid; keep them reproducible
+    return value if _layout(value) == _layout(expected) else None
+
+
 def lower(gm: fx.GraphModule, num_inputs: int) -> Any:
     """Lower a traced graph to a ``_C.OpGraph``: inputs are the placeholders in order, outputs the flattened
     outputs. Raises CaptureError for anything that is not a plain ATen op call."""
+    _simplify(gm)
     nodes = _eliminate_dead_code(gm.graph)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != num_inputs:
