@@ -13,8 +13,8 @@ $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN) $(DEV_DEPS)
-	@# fitstream only as the reference the parity tests compare against; its deps are ours already
-	$(PY) -m pip install -q --no-deps fitstream==0.4.1
+	@# fitstream is only the reference the parity tests compare against (it declares 3.12+, runs on 3.10+)
+	$(PY) -m pip install -q --no-deps --ignore-requires-python fitstream==0.4.1
 	touch $@
 
 venv: $(VENV)/.ready
@@ -40,6 +40,19 @@ bench: build
 lint: venv
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
+
+# The test suite against an AddressSanitizer + UBSan build of _C (CI-optional; slow). The sanitized module
+# goes into a copy of the package under build/asan, never into python/hotloop.
+ASAN_PKG := build/asan/pkg
+sanitize: venv
+	$(VENV)/bin/cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHOTLOOP_SANITIZE=ON \
+		-DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) > /dev/null
+	$(VENV)/bin/cmake --build build/asan
+	rm -rf $(ASAN_PKG) && mkdir -p $(ASAN_PKG) && cp -r python/hotloop $(ASAN_PKG)/
+	rm -f $(ASAN_PKG)/hotloop/_C*.so && cp build/asan/_C*.so build/asan/_build_info.py $(ASAN_PKG)/hotloop/
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		$(PY) -m pytest -q tests -o pythonpath=$(ASAN_PKG) $(SANITIZE_ARGS)
 
 wheel: venv
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
