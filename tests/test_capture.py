@@ -227,3 +227,28 @@ def test_one_graph_per_batch_size():
         nn.Linear(4, 1), nn.MSELoss(), [(x[:4], y[:4]), (x[:2], y[:2]), (x[4:8], y[4:8])], last_label=True
     )
     assert sorted(captured.graphs) == [2, 4]
+
+
+def test_tensor_constants_in_loss_and_model_are_the_users_tensors():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+            self.scale = torch.tensor([1.0, 2.0, 3.0])  # a plain attribute, neither parameter nor buffer
+
+        def forward(self, x):
+            return self.linear(x) * self.scale
+
+    torch.manual_seed(0)
+    model = Scaled()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    captured = capture.capture_step(model, loss_fn, [batch], last_label=True)
+    graph = captured.graphs[6]
+    inputs = [p.detach() for p in captured.params] + list(batch)
+    before = graph(inputs)[-1]
+    model.scale.mul_(2)  # later in-place changes are seen: the graph holds the tensor, not a copy
+    after = graph(inputs)[-1]
+    assert not torch.equal(before, after)
+    with torch.no_grad():
+        torch.testing.assert_close(after, loss_fn(model(batch[0]), batch[1]))

@@ -113,7 +113,11 @@ def _joint_step(
             raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
         if loss.numel() != 1:
             raise CaptureError(f"loss_fn must return a single value, got shape {tuple(loss.shape)}")
-        aux = (torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, pred), labels) if metrics else ()
+        aux = (
+            (torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, pred), labels)
+            if metrics
+            else ()
+        )
         return loss.reshape(()), aux
 
     def joint(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
@@ -149,7 +153,9 @@ def trace_step(
     was_training = model.training
     model.train()
     try:
-        return make_fx(joint, tracing_mode="fake")(list(train), list(state), *batch)
+        return make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(
+            list(train), list(state), *batch
+        )
     except CaptureError:
         raise
     except Exception as exc:  # any tracing failure is a reason to fall back, reported verbatim
