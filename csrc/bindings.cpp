@@ -59,7 +59,7 @@ PYBIND11_MODULE(_C, m) {
       .def("set_constant", &OpGraph::set_constant, py::arg("slot"), py::arg("value"))
       .def("add_op", &OpGraph::add_op, py::arg("name"), py::arg("overload"), py::arg("args"), py::arg("results"),
            py::arg("release"), py::arg("unpacked_list_size"))
-      .def("set_outputs", &OpGraph::set_outputs, py::arg("slots"))
+      .def("set_outputs", &OpGraph::set_outputs, py::arg("slots"), py::arg("copy"))
       .def("__call__", &OpGraph::call, py::arg("inputs"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_inputs", &OpGraph::num_inputs)
       .def_property_readonly("num_outputs", &OpGraph::num_outputs)

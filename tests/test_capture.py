@@ -252,3 +252,17 @@ def test_tensor_constants_in_loss_and_model_are_the_users_tensors():
     assert not torch.equal(before, after)
     with torch.no_grad():
         torch.testing.assert_close(after, loss_fn(model(batch[0]), batch[1]))
+
+
+def test_outputs_that_view_an_input_come_back_as_copies():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda x: (x.t(), x + 1, x))(torch.randn(3, 2))
+    graph = capture.lower(gm, 1)
+    x = torch.randn(3, 2)
+    viewed, fresh, same = graph([x])
+    torch.testing.assert_close(viewed, x.t())
+    torch.testing.assert_close(same, x)
+    assert viewed.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert same.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    torch.testing.assert_close(fresh, x + 1)

@@ -120,9 +120,11 @@ void OpGraph::add_op(const std::string& name, const std::string& overload, const
   ops_.push_back(std::move(op));
 }
 
-void OpGraph::set_outputs(std::vector<int64_t> slots) {
+void OpGraph::set_outputs(std::vector<int64_t> slots, std::vector<bool> copy) {
   for (auto slot : slots) check_slot(slot, "output");
+  TORCH_CHECK(copy.size() == slots.size(), "set_outputs needs one copy flag per output");
   outputs_ = std::move(slots);
+  copy_outputs_ = std::move(copy);
 }
 
 void OpGraph::bind_input(int64_t index, const at::Tensor& value) {
@@ -186,7 +188,7 @@ void OpGraph::run() {
   for (size_t i = 0; i < outputs_.size(); ++i) {
     const auto& value = slots_[outputs_[i]];
     TORCH_CHECK(value.isTensor(), "graph output ", i, " is not a tensor");
-    output_values_[i] = value.toTensor();
+    output_values_[i] = copy_outputs_[i] ? value.toTensor().clone() : value.toTensor();
   }
   for (auto slot : outputs_)
     if (!pinned_[slot]) slots_[slot] = c10::IValue();

@@ -29,7 +29,9 @@ class OpGraph {
   // consecutive slots starting at its entry. `release` lists the slots read for the last time here.
   void add_op(const std::string& name, const std::string& overload, const pybind11::list& args,
               std::vector<int64_t> results, std::vector<int64_t> release, int64_t unpacked_list_size);
-  void set_outputs(std::vector<int64_t> slots);
+  // `copy[i]`: output i may alias an input (a view of a batch tensor or parameter) and is returned as a
+  // fresh copy, so callers may keep or update it like a gradient eager autograd made.
+  void set_outputs(std::vector<int64_t> slots, std::vector<bool> copy);
 
   int64_t num_inputs() const { return num_inputs_; }
   int64_t num_ops() const { return static_cast<int64_t>(ops_.size()); }
@@ -72,6 +74,7 @@ class OpGraph {
   std::vector<bool> pinned_;  // inputs and constants are never released by ops
   std::vector<Op> ops_;
   std::vector<int64_t> outputs_;
+  std::vector<bool> copy_outputs_;
   std::vector<at::Tensor> output_values_;
   std::vector<c10::IValue> stack_;
 };

@@ -317,6 +317,24 @@ def _evaluate_factory(node: fx.Node) -> torch.Tensor | None:
     return value if _layout(value) == _layout(expected) else None
 
 
+def _aliases_input(node: fx.Node) -> bool:
+    """Whether ``node``'s value may share memory with a graph input or constant (a chain of views of one)."""
+    while True:
+        if node.op in ("placeholder", "get_attr"):
+            return True
+        if node.op != "call_function":
+            return True
+        target = node.target
+        if target is operator.getitem:
+            node = node.args[0]
+            continue
+        if not isinstance(target, torch._ops.OpOverload):
+            return True
+        if not target.is_view:
+            return False
+        node = node.args[0]
+
+
 def lower(gm: fx.GraphModule, num_inputs: int) -> Any:
     """Lower a traced graph to a ``_C.OpGraph``: inputs are the placeholders in order, outputs the flattened
     outputs. Raises CaptureError for anything that is not a plain ATen op call."""
@@ -341,6 +359,7 @@ def lower(gm: fx.GraphModule, num_inputs: int) -> Any:
 
     ops: list[dict[str, Any]] = []
     outputs: list[int] = []
+    output_nodes: list[fx.Node] = []
     for node in nodes:
         if node.op == "placeholder":
             continue
@@ -357,6 +376,7 @@ def lower(gm: fx.GraphModule, num_inputs: int) -> Any:
                 if not isinstance(value, fx.Node) or value not in slot:
                     raise CaptureError(f"graph output {value!r} is not a tensor computed by the graph")
                 outputs.append(slot[value])
+                output_nodes.append(value)
             continue
         if node.op != "call_function":
             raise CaptureError(f"unsupported graph node {node.op} {node.target}")
@@ -435,7 +455,7 @@ def lower(gm: fx.GraphModule, num_inputs: int) -> Any:
             )
         except Exception as exc:
             raise CaptureError(f"cannot lower {op['node'].target}: {exc}") from exc
-    graph.set_outputs(outputs)
+    graph.set_outputs(outputs, [_aliases_input(node) for node in output_nodes])
     return graph
 
 
