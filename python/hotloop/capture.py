@@ -518,7 +518,12 @@ def capture_step(
         if size in captured.graphs:
             continue
         gm = trace_step(model, loss_fn, batch, last_label=last_label, metrics=metrics)
-        graph = lower(gm, num_inputs)
+        try:
+            graph = lower(gm, num_inputs)
+        except CaptureError:
+            raise
+        except Exception as exc:  # an op or graph shape the lowering does not know: fall back, saying so
+            raise CaptureError(f"lowering the captured graph failed ({type(exc).__name__}: {exc})") from exc
         verify(graph, captured, model, loss_fn, batch, last_label=last_label, metrics=metrics)
         captured.graphs[size] = graph
     return captured
