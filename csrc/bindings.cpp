@@ -72,6 +72,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("optimizer"))
       .def("run", &NativeStep::run, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
       .def("bind", &NativeStep::bind, py::arg("params"), py::arg("state"))
+      .def("set_accumulate", &NativeStep::set_accumulate, py::arg("accumulate"))
       .def_property_readonly("steps", &NativeStep::steps)
       .def_property_readonly("optimizer", &NativeStep::optimizer);
 

@@ -51,6 +51,11 @@ void NativeStep::bind(std::vector<at::Tensor> params, std::vector<at::Tensor> st
   }
 }
 
+void NativeStep::set_accumulate(std::vector<bool> accumulate) {
+  TORCH_CHECK(accumulate.size() == params_.size(), "NativeStep: accumulate needs one flag per parameter");
+  accumulate_ = std::move(accumulate);
+}
+
 OpGraph& NativeStep::graph_for(int64_t batch_size) {
   for (auto& [size, graph] : graphs_)
     if (size == batch_size) return *graph;

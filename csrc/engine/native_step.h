@@ -31,6 +31,8 @@ class NativeStep final : public Step {
   at::Tensor run(const std::vector<at::Tensor>& batch) override;
   // Points the graphs at new parameter and state tensors of the same shapes (the model replaced some).
   void bind(std::vector<at::Tensor> params, std::vector<at::Tensor> state);
+  // Which parameters the optimizer does not step (their .grad accumulates); may change between windows.
+  void set_accumulate(std::vector<bool> accumulate);
   std::vector<at::Tensor> last_metrics() const override { return metrics_; }
 
   int64_t steps() const { return steps_; }
