@@ -33,6 +33,7 @@ CONTENDERS = [
     Contender("torch.compile", loops.compiled, "torch.compile of the step (reduce-overhead on CUDA)"),
     Contender("Lightning", lightning_trainer, "lightning.Trainer.fit on a DataLoader"),
     Contender("raw-ops floor", raw_floor, "the step as bare ATen calls + torch._fused_adam_"),
+    Contender("graph floor", loops.graph_floor, "CUDA only: the step's kernels, one CUDA graph per window"),
 ]
 SWEEP = ("hotloop graph", "hotloop native", "hotloop python", BASELINE, "raw-ops floor")
 

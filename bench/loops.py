@@ -153,3 +153,59 @@ def hotloop_engine(engine: str) -> Callable[[Workload, Data, torch.device], Runn
         return Runner(run, stream.close)
 
     return setup
+
+
+def graph_floor(w: Workload, data: Data, device: torch.device) -> Runner:
+    """CUDA only: the eager step's kernels for a whole window captured as one CUDA graph, replayed once.
+
+    The launch floor under the graph engine: per step the same work (index_select gather, forward, loss,
+    backward, the fused capturable optimizer step, loss accumulation) with no launch, no Python and no
+    synchronisation between steps; the epoch order is drawn into a static buffer before each replay.
+    """
+    if device.type != "cuda":
+        raise Skip("CUDA only: a CUDA graph of the whole window")
+    if w.n_samples != w.steps * w.batch_size:
+        raise Skip("the window must be exactly one epoch of full batches")
+    model, optimizer, loss_fn = w.build(device)
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=False)  # as the graph engine captures it
+        if "capturable" in group:
+            group["capturable"] = True
+    n = data[0].shape[0]
+    order = torch.arange(n, device=device)
+    total = torch.zeros((), device=device)
+    g = generator(device)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(index: torch.Tensor) -> None:
+        *inputs, labels = (t.index_select(0, index) for t in data)
+        loss = loss_fn(model(*inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total.add_(loss.detach(), alpha=w.batch_size)
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):  # torch's capture recipe: warm up on a side stream, then start from scratch
+            step(order[: w.batch_size])
+    torch.cuda.current_stream(device).wait_stream(side)
+    model.load_state_dict(initial)
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.zero_()
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for index in order.split(w.batch_size):
+            step(index)
+
+    def run() -> float:
+        torch.randperm(n, generator=g, device=device, out=order)
+        total.zero_()
+        graph.replay()
+        return (total / n).item()
+
+    return Runner(run)

@@ -59,18 +59,16 @@ at::Tensor Dataset::gather(size_t which, const at::Tensor& index, int64_t start,
   return dest;
 }
 
-std::vector<at::Tensor> Dataset::next_batch() {
+int64_t Dataset::begin_batch() {
   if (position_ == 0 && shuffle_) {
     auto options = at::TensorOptions().dtype(at::kLong).device(device());
     order_ = at::randperm(num_samples_, generator_, options);
   }
   started_ = true;
-  const int64_t count = std::min(batch_size_, epoch_length() - position_);
-  at::Tensor index;
-  if (shuffle_) index = order_.narrow(0, position_, count);
-  std::vector<at::Tensor> batch;
-  batch.reserve(tensors_.size());
-  for (size_t i = 0; i < tensors_.size(); ++i) batch.push_back(gather(i, index, position_, count));
+  return std::min(batch_size_, epoch_length() - position_);
+}
+
+void Dataset::end_batch(int64_t count) {
   position_ += count;
   ++batch_index_;
   if (position_ >= epoch_length()) {
@@ -78,7 +76,27 @@ std::vector<at::Tensor> Dataset::next_batch() {
     batch_index_ = 0;
     ++epochs_completed_;
   }
+}
+
+std::vector<at::Tensor> Dataset::next_batch() {
+  const int64_t count = begin_batch();
+  at::Tensor index;
+  if (shuffle_) index = order_.narrow(0, position_, count);
+  std::vector<at::Tensor> batch;
+  batch.reserve(tensors_.size());
+  for (size_t i = 0; i < tensors_.size(); ++i) batch.push_back(gather(i, index, position_, count));
+  end_batch(count);
   return batch;
+}
+
+at::Tensor Dataset::next_indices() {
+  const int64_t count = begin_batch();
+  if (!shuffle_ && !sequence_.defined()) {
+    sequence_ = at::arange(num_samples_, at::TensorOptions().dtype(at::kLong).device(device()));
+  }
+  at::Tensor index = (shuffle_ ? order_ : sequence_).narrow(0, position_, count);
+  end_batch(count);
+  return index;
 }
 
 void Dataset::restore(const at::Tensor& order, int64_t batch_index, int64_t epochs_completed) {

@@ -23,6 +23,9 @@ class Dataset {
   // The next batch of every tensor, aligned. Draws the epoch's permutation lazily at the first batch of
   // an epoch, so the generator is consumed exactly when an eager loop would consume it.
   std::vector<at::Tensor> next_batch();
+  // The sample indices of the next batch (long, on the data's device), advancing exactly as next_batch()
+  // does, for steps that gather on their own.
+  at::Tensor next_indices();
   // True when the last call to next_batch() returned the final batch of its epoch.
   bool epoch_finished() const { return position_ == 0 && started_; }
   int64_t epochs_completed() const { return epochs_completed_; }
@@ -35,6 +38,8 @@ class Dataset {
 
  private:
   int64_t epoch_length() const;  // samples visited per epoch
+  int64_t begin_batch();            // draws the epoch's order when due; returns the batch's sample count
+  void end_batch(int64_t count);
   at::Tensor gather(size_t which, const at::Tensor& index, int64_t start, int64_t count);
 
   std::vector<at::Tensor> tensors_;
@@ -46,6 +51,7 @@ class Dataset {
   bool reuse_buffers_;
 
   at::Tensor order_;  // permutation of the current epoch when shuffling
+  at::Tensor sequence_;  // 0..n-1 on the device, the indices when not shuffling (made on first use)
   int64_t position_ = 0;
   int64_t batch_index_ = 0;
   int64_t epochs_completed_ = 0;

@@ -3,6 +3,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -51,18 +52,29 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
     for (auto& accumulator : metric_accumulators_) accumulator.zero_();
     interrupt_requested_.store(false);
     const bool guard = step_->guard_nonfinite();
+    const bool on_device = step_->takes_indices();
+    std::vector<int64_t> batch_samples_issued;  // device-resident steps: each step's batch size, in order
+    if (on_device) step_->begin_window();
     auto next_signal_check = start + kSignalCheckInterval;
     while (stats.steps < max_steps) {
-      auto batch = dataset_->next_batch();
-      const int64_t batch_samples = batch.front().size(0);
-      at::Tensor loss = step_->run(batch);
-      if (guard && !std::isfinite(loss.item<double>())) {
-        // The step left the model untouched; the batch is consumed but not counted as an update.
-        stats.nonfinite_step = total_steps_ + 1;
-        break;
+      int64_t batch_samples = 0;
+      if (on_device) {
+        at::Tensor indices = dataset_->next_indices();
+        batch_samples = indices.size(0);
+        step_->run_indices(indices);
+        batch_samples_issued.push_back(batch_samples);
+      } else {
+        auto batch = dataset_->next_batch();
+        batch_samples = batch.front().size(0);
+        at::Tensor loss = step_->run(batch);
+        if (guard && !std::isfinite(loss.item<double>())) {
+          // The step left the model untouched; the batch is consumed but not counted as an update.
+          stats.nonfinite_step = total_steps_ + 1;
+          break;
+        }
+        loss_accumulator_.add_(loss.detach(), static_cast<double>(batch_samples));
+        accumulate_metrics(batch_samples);
       }
-      loss_accumulator_.add_(loss.detach(), static_cast<double>(batch_samples));
-      accumulate_metrics(batch_samples);
       stats.samples += batch_samples;
       ++stats.steps;
       ++total_steps_;
@@ -75,13 +87,33 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
         next_signal_check = now + kSignalCheckInterval;
       }
     }
-    stats.loss_sum = loss_accumulator_.item<double>();
-    for (const auto& accumulator : metric_accumulators_) stats.metric_sums.push_back(accumulator.item<double>());
+    if (on_device) {
+      settle_device_window(stats, batch_samples_issued);
+    } else {
+      stats.loss_sum = loss_accumulator_.item<double>();
+      for (const auto& accumulator : metric_accumulators_) stats.metric_sums.push_back(accumulator.item<double>());
+    }
   }
   stats.epoch_ended = dataset_->epoch_finished();
   stats.epochs_completed = dataset_->epochs_completed() - epochs_before;
   stats.wall_time_sec = std::chrono::duration<double>(Clock::now() - start).count();
   return stats;
+}
+
+void Loop::settle_device_window(WindowStats& stats, const std::vector<int64_t>& batch_samples_issued) {
+  DeviceWindow window = step_->end_window();
+  stats.loss_sum = window.loss_sum;
+  stats.metric_sums = std::move(window.metric_sums);
+  if (!window.nonfinite) return;
+  // The steps after the first non-finite loss were issued but skipped on the device: count only the
+  // applied ones (their batches are consumed, as the eager guard consumes the offending batch).
+  const int64_t issued = static_cast<int64_t>(batch_samples_issued.size());
+  const int64_t applied = std::min(window.applied_steps, issued);
+  total_steps_ -= issued - applied;
+  stats.steps = applied;
+  stats.samples = 0;
+  for (int64_t i = 0; i < applied; ++i) stats.samples += batch_samples_issued[i];
+  stats.nonfinite_step = total_steps_ + 1;
 }
 
 void Loop::accumulate_metrics(int64_t batch_samples) {

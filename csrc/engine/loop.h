@@ -51,6 +51,8 @@ class Loop {
 
  private:
   void accumulate_metrics(int64_t batch_samples);
+  // Reads a device-resident step's window (its one synchronisation) into stats.
+  void settle_device_window(WindowStats& stats, const std::vector<int64_t>& batch_samples_issued);
 
   std::shared_ptr<Dataset> dataset_;
   std::shared_ptr<Step> step_;

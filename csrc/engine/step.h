@@ -3,9 +3,18 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <vector>
 
 namespace hotloop {
+
+// What a device-resident step measured over one window, read with one synchronisation at its end.
+struct DeviceWindow {
+  double loss_sum = 0.0;            // sum over applied steps of (batch mean loss * batch samples)
+  std::vector<double> metric_sums;  // per train metric, likewise
+  int64_t applied_steps = 0;        // steps whose update was applied
+  bool nonfinite = false;           // a loss was not finite: that step and all later ones were skipped
+};
 
 class Step {
  public:
@@ -21,6 +30,18 @@ class Step {
   // When set, run() must not apply the update of a batch whose loss is not finite: the Loop then stops
   // the window with the model still at the last finite step.
   void set_guard_nonfinite(bool guard) { guard_nonfinite_ = guard; }
+
+  // Device-resident steps (GraphStep) gather their own batch from its sample indices and keep the
+  // window's sums and the non-finite guard on the device, so a window synchronises once: for them the
+  // Loop calls begin_window(), then run_indices() per step instead of run(), then end_window().
+  virtual bool takes_indices() const { return false; }
+  virtual void begin_window() {}
+  virtual void run_indices(const at::Tensor& /*indices*/) {
+    TORCH_CHECK(false, "this step trains on gathered batches, not on sample indices");
+  }
+  virtual DeviceWindow end_window() {
+    TORCH_CHECK(false, "this step keeps no window sums on the device");
+  }
   bool guard_nonfinite() const { return guard_nonfinite_; }
 
  protected:

@@ -31,6 +31,7 @@ class Dataset:
     @property
     def epoch_order(self) -> torch.Tensor: ...
     def next_batch(self) -> list[torch.Tensor]: ...
+    def next_indices(self) -> torch.Tensor: ...
     def restore(self, order: torch.Tensor, batch_index: int, epochs_completed: int) -> None: ...
 
 class Step:
@@ -153,3 +154,29 @@ class SGD(NativeOptimizer):
 
 class Adam(NativeOptimizer):
     def __init__(self, fused: bool = True) -> None: ...
+
+# Graph engine: only in builds with CUDA (WITH_CUDA).
+
+class GraphStep(Step):
+    """A training step captured as CUDA graphs (one per batch size), replayed from C++ (hotloop.graph)."""
+
+    def __init__(
+        self,
+        graphs: Sequence[torch.cuda.CUDAGraph],
+        index_buffers: Sequence[torch.Tensor],
+        sums: torch.Tensor,
+        found_inf: torch.Tensor,
+        guard_nonfinite: bool,
+        keep_alive: Sequence[torch.Tensor],
+    ) -> None: ...
+    @property
+    def replays(self) -> int: ...
+    @staticmethod
+    def account_step(
+        loss: torch.Tensor,
+        metrics: torch.Tensor | None,
+        sums: torch.Tensor,
+        found_inf: torch.Tensor,
+        weight: float,
+        guard: bool,
+    ) -> None: ...
