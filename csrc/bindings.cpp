@@ -8,6 +8,12 @@
 #include "engine/op_graph.h"
 #include "engine/python_step.h"
 #include "optim/optimizer.h"
+#ifdef HOTLOOP_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+
+#include "cuda/graph_step.h"
+#include "cuda/step_accounting.h"
+#endif
 
 namespace py = pybind11;
 using namespace hotloop;
@@ -31,6 +37,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("batch_index", &Dataset::batch_index)
       .def_property_readonly("epoch_order", &Dataset::epoch_order)
       .def("next_batch", &Dataset::next_batch)
+      .def("next_indices", &Dataset::next_indices)
       .def("restore", &Dataset::restore, py::arg("order"), py::arg("batch_index"), py::arg("epochs_completed"));
 
   py::class_<Step, std::shared_ptr<Step>>(m, "Step");
@@ -43,12 +50,15 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("steps", &WindowStats::steps)
       .def_readonly("epochs_completed", &WindowStats::epochs_completed)
       .def_readonly("wall_time_sec", &WindowStats::wall_time_sec)
-      .def_readonly("epoch_ended", &WindowStats::epoch_ended);
+      .def_readonly("epoch_ended", &WindowStats::epoch_ended)
+      .def_readonly("metric_sums", &WindowStats::metric_sums)
+      .def_readonly("nonfinite_step", &WindowStats::nonfinite_step);
 
   py::class_<Loop>(m, "Loop")
       .def(py::init<std::shared_ptr<Dataset>, std::shared_ptr<Step>>(), py::arg("dataset"), py::arg("step"))
       .def("run", &Loop::run, py::arg("max_steps"), py::arg("stop_at_epoch_end"))
       .def("request_interrupt", &Loop::request_interrupt)
+      .def("set_guard_nonfinite", &Loop::set_guard_nonfinite, py::arg("guard"))
       .def_property_readonly("total_steps", &Loop::total_steps)
       .def_static("live_count", &Loop::live_count);
 
@@ -110,4 +120,17 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<bool>(), py::arg("fused") = true);
   py::class_<Adam, NativeOptimizer, std::shared_ptr<Adam>>(m, "Adam", py::dynamic_attr())
       .def(py::init<bool>(), py::arg("fused") = true);
+
+#ifdef HOTLOOP_WITH_CUDA
+  // Graph engine (built by hotloop.graph). The graphs are torch.cuda.CUDAGraph objects: torch binds
+  // at::cuda::CUDAGraph with a shared_ptr holder, and this module shares torch's pybind11 internals.
+  py::class_<GraphStep, Step, std::shared_ptr<GraphStep>>(m, "GraphStep")
+      .def(py::init<std::vector<std::shared_ptr<at::cuda::CUDAGraph>>, std::vector<at::Tensor>, at::Tensor,
+                    at::Tensor, bool, std::vector<at::Tensor>>(),
+           py::arg("graphs"), py::arg("index_buffers"), py::arg("sums"), py::arg("found_inf"),
+           py::arg("guard_nonfinite"), py::arg("keep_alive"))
+      .def_property_readonly("replays", &GraphStep::replays)
+      .def_static("account_step", &account_step, py::arg("loss"), py::arg("metrics"), py::arg("sums"),
+                  py::arg("found_inf"), py::arg("weight"), py::arg("guard"));
+#endif
 }

@@ -9,7 +9,7 @@ from .batching import iter_batches
 from .engines import SlowPathWarning
 from .evaluation import BestModel, best_model, evaluate, validation_loss
 from .events import Event
-from .fit import FitStream, epoch_stream, fit
+from .fit import FitStream, NonFiniteLossError, epoch_stream, fit
 from .plotting import LivePlot, live_plot, plot_history
 from .sinks import collect, collect_csv, collect_jsonl, collect_pd, tensorboard
 from .stages import augment, early_stop, ema, pipe, print_keys, progress, take, tap, tick
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Event",
     "FitStream",
+    "NonFiniteLossError",
     "SlowPathWarning",
     "epoch_stream",
     "fit",

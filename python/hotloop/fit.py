@@ -77,6 +77,10 @@ def fit(
     drop_last: bool = False,
     engine: str = "auto",
     device: str | torch.device | None = None,
+    metrics: Mapping[str, str | Callable[..., Any]] | None = None,
+    scheduler: Any | None = None,
+    scheduler_every: str = "step",
+    on_nonfinite: str = "raise",
     resume: Mapping[str, Any] | None = None,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
@@ -103,6 +107,17 @@ def fit(
         drop_last: Skip the smaller last batch of each epoch.
         engine: ``"auto"`` (fastest that works), ``"graph"``, ``"native"`` or ``"python"``.
         device: Copy ``train_data`` to this device once before training (it must be the model's).
+        metrics: Train metrics accumulated on the device during each window, as ``{event_key: metric}``;
+            a metric is a built-in name (``"accuracy"``) or a function ``(pred, labels) -> batch mean``.
+            Events report their sample-weighted mean over the window.
+        scheduler: A ``torch.optim.lr_scheduler`` scheduler of ``optimizer``, stepped after every
+            optimizer step (``scheduler_every="step"``) or once per event (``"event"``, before the event is
+            yielded). Events report ``lr``: the first param group's learning rate when the event is
+            yielded, i.e. the one the next step will use.
+        on_nonfinite: What a non-finite loss does: ``"raise"`` (default) raises
+            :class:`NonFiniteLossError` naming the step, ``"stop"`` yields a last event (with
+            ``nonfinite_step``) and ends the stream, ``"continue"`` trains on as a plain loop would.
+            With ``"raise"`` and ``"stop"`` the offending update is not applied.
         resume: A :meth:`FitStream.state_dict` to continue from: loads the model and optimizer state,
             the data order, the random generators and the counters.
 
@@ -133,12 +148,27 @@ def fit(
         drop_last=drop_last,
         engine=engine,
         device=device,
+        metrics=metrics,
+        scheduler=scheduler,
+        scheduler_every=scheduler_every,
+        on_nonfinite=on_nonfinite,
         resume=resume,
     )
     return FitStream(lambda: _Session(train_data, model, optimizer, loss_fn, **options))
 
 
 epoch_stream = fit
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a training step was NaN or infinite; the model holds the weights of the step before."""
+
+    def __init__(self, step: int, updates: int) -> None:
+        super().__init__(
+            f"non-finite loss at optimizer step {step}; its update was not applied, so the model holds the "
+            f"weights after step {updates} (pass on_nonfinite='stop' or 'continue' to change this)"
+        )
+        self.step = step
 
 _STATE_VERSION = 1
 
@@ -163,6 +193,10 @@ class _Session:
         drop_last: bool,
         engine: str,
         device: str | torch.device | None,
+        metrics: Mapping[str, str | Callable[..., Any]] | None,
+        scheduler: Any | None,
+        scheduler_every: str,
+        on_nonfinite: str,
         resume: Mapping[str, Any] | None,
     ) -> None:
         check.check_int("batch_size", batch_size, minimum=1)
@@ -173,12 +207,16 @@ class _Session:
         if every is not None:
             check.check_int("every", every, minimum=1)
         check.check_choice("engine", engine, ENGINES)
+        check.check_choice("scheduler_every", scheduler_every, ("step", "event"))
+        check.check_choice("on_nonfinite", on_nonfinite, ("raise", "stop", "continue"))
+        metric_fns = check.check_metrics(metrics)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no trainable parameters (none with requires_grad=True)")
         check.check_optimizer(optimizer, model)
         check.check_callable("loss_fn", loss_fn)
+        check.check_scheduler(scheduler, optimizer)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if extra is not None and not isinstance(extra, Mapping):
@@ -212,11 +250,21 @@ class _Session:
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self.every = every
         self.extra = dict(extra or {})
+        self.metric_keys = list(metric_fns)
+        self.scheduler = scheduler
+        self.scheduler_every = scheduler_every
+        self.on_nonfinite = on_nonfinite
         self.step = step_offset
         self.updates_before = 0
-        self.choice = choose_engine(engine, model, optimizer, loss_fn, last_label=last_label)
-        self.dataset = _C.Dataset(tensors, batch_size, shuffle, drop_last, generator, False)
+        self.choice = choose_engine(
+            engine, model, optimizer, loss_fn, last_label=last_label, train_data=tensors, batch_size=batch_size,
+            drop_last=drop_last, shuffle=shuffle, metrics=list(metric_fns.values()),
+            scheduler=scheduler if scheduler_every == "step" else None,
+            guard_nonfinite=on_nonfinite != "continue",
+        )
+        self.dataset = _C.Dataset(tensors, batch_size, shuffle, drop_last, generator, self.choice.reuse_buffers)
         self.loop = _C.Loop(self.dataset, self.choice.step)
+        self.loop.set_guard_nonfinite(on_nonfinite != "continue")
         if resume is not None:
             self._restore(resume)
 
@@ -224,24 +272,46 @@ class _Session:
         while True:
             self.model.train()
             started = time.perf_counter()
-            with _interrupt_at_step_boundary(self.loop):
-                if self.every is None:
-                    stats = self.loop.run(self.dataset.batches_per_epoch, True)
-                else:
-                    stats = self.loop.run(self.every, False)
+            stats = self._run_window()
             elapsed = time.perf_counter() - started
             self.step += 1
-            yield Event(
+            if self.scheduler is not None and self.scheduler_every == "event":
+                self.scheduler.step()
+            lr = self.optimizer.param_groups[0].get("lr")
+            event = Event(
                 model=self.model,
                 step=self.step,
-                train_loss=stats.loss_sum / stats.samples,
+                train_loss=stats.loss_sum / stats.samples if stats.samples else float("nan"),
                 train_time_sec=elapsed,
                 **self.extra,
                 epoch=self.dataset.epochs_completed,
                 updates=self.updates_before + self.loop.total_steps,
                 samples_per_sec=stats.samples / elapsed if elapsed > 0 else float("inf"),
                 engine=self.choice.name,
+                lr=float(lr) if isinstance(lr, (int, float)) else lr,
             )
+            for key, total in zip(self.metric_keys, stats.metric_sums, strict=True):
+                event[key] = total / stats.samples if stats.samples else float("nan")
+            if stats.nonfinite_step >= 0:
+                if self.on_nonfinite == "raise":
+                    raise NonFiniteLossError(stats.nonfinite_step, self.updates_before + self.loop.total_steps)
+                event["nonfinite_step"] = stats.nonfinite_step
+                yield event
+                return
+            yield event
+
+    def _run_window(self) -> Any:
+        if self.choice.begin_window is not None:
+            planned = self.every or self.dataset.batches_per_epoch - self.dataset.batch_index
+            self.choice.begin_window(planned)
+        try:
+            with _interrupt_at_step_boundary(self.loop):
+                if self.every is None:
+                    return self.loop.run(self.dataset.batches_per_epoch, True)
+                return self.loop.run(self.every, False)
+        finally:
+            if self.choice.end_window is not None:
+                self.choice.end_window()
 
     def release(self) -> None:
         self.loop = self.dataset = self.choice = None  # type: ignore[assignment]
@@ -261,6 +331,7 @@ class _Session:
             "epoch_order": order.cpu() if self.dataset.batch_index > 0 else None,
             "num_samples": self.dataset.num_samples,
             "generator": self.generator.get_state() if self.generator is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": _rng_states(),
         }
 
@@ -278,6 +349,10 @@ class _Session:
             raise ValueError("resume state and this fit() call disagree on whether a generator is given")
         if self.generator is not None:
             self.generator.set_state(state["generator"])
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError("resume state and this fit() call disagree on whether a scheduler is given")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(state["rng"])
         order = state["epoch_order"]
         self.dataset.restore(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -193,3 +193,41 @@ def _label_hint(loss_fn: Callable[..., Any], pred: Any, labels: torch.Tensor | N
                 "class indices expects int64 labels; convert them with .long()"
             )
     return None
+
+
+def check_metrics(metrics: Any) -> dict[str, Callable[..., Any]]:
+    """Train metrics as ``{event_key: fn}``; names resolve to the built-in metrics."""
+    from .evaluation import METRICS
+
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict of event key -> metric, got {type(metrics).__name__}")
+    resolved: dict[str, Callable[..., Any]] = {}
+    for key, metric in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"metrics keys must be non-empty strings, got {key!r}")
+        if isinstance(metric, str):
+            if metric not in METRICS:
+                names = ", ".join(repr(n) for n in METRICS)
+                raise ValueError(f"metrics[{key!r}]: unknown metric {metric!r}; built-in metrics are {names}")
+            resolved[key] = METRICS[metric]
+        elif callable(metric):
+            resolved[key] = metric
+        else:
+            raise TypeError(f"metrics[{key!r}] must be a metric name or a function, got {type(metric).__name__}")
+    return resolved
+
+
+def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TypeError(
+            "scheduler: ReduceLROnPlateau needs a metric; step it from the stream instead, e.g. "
+            "tap(lambda event: plateau.step(event['val_loss']))"
+        )
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(f"scheduler must be a torch.optim.lr_scheduler scheduler, got {type(scheduler).__name__}")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("scheduler must schedule the optimizer passed to fit()")
