@@ -3,8 +3,8 @@
 For each batch size an epoch visits (the full batch and, unless dropped, the smaller last one) one CUDA
 graph holds the batch gather (``index_select`` from the device-resident data into static buffers, at the
 indices in a static index buffer), forward, loss, backward, ``optimizer.step()`` and the window's sums
-(one kernel, ``_C.GraphStep.account_step``). Per step C++ copies the batch's slice of the epoch order into the index
-buffer and replays the graph; a window synchronises once, at its end.
+(one kernel, ``_C.GraphStep.account_step``). Per step C++ copies the batch's slice of the epoch order
+into the index buffer and replays the graph; a window synchronises once, at its end.
 
 How the user's objects stay the truth:
 
@@ -22,6 +22,10 @@ How the user's objects stay the truth:
 - At every window end ``optimizer.state`` is what the user's optimizer keeps (for a non-fused,
   non-capturable Adam the step counts are CPU tensors again) and each ``param.grad`` is the last batch's
   gradient.
+- Mixed precision (``amp="bf16"`` or ``"fp16"``): forward and loss run under ``torch.autocast`` (weight
+  cast cache off, as capture requires); fp16 adds loss scaling with ``torch.amp.GradScaler``'s defaults and
+  algorithm (unscale, skip the step on inf/NaN gradients, grow or back off the scale), all on the device.
+  The scale lives as long as the ``fit`` stream; it is not part of its state dict.
 - Non-finite guard: a non-finite loss raises a sticky ``found_inf`` flag that the fused optimizer honours
   (the update is skipped and the step count restored), so that step and every later step of the window
   are skipped on the device; the Loop reads the flag once, at the window end, and reports the step. Unlike
@@ -30,6 +34,7 @@ How the user's objects stay the truth:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +47,9 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from ._native import _C
 
 WARMUP_STEPS = 3
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# torch.amp.GradScaler's defaults
+INITIAL_SCALE, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL = 2.0**16, 2.0, 0.5, 2000
 
 # Hyperparameters read when the step is captured; only ``lr`` may change afterwards.
 _BAKED = {
@@ -130,11 +138,15 @@ def graph_engine(
     scheduler: Any | None = None,
     guard_nonfinite: bool = False,
     warmup_steps: int = WARMUP_STEPS,
+    amp: str | None = None,
 ) -> tuple[Any, str | None]:
     """The graph engine as an ``EngineChoice``, or ``(None, reason)``: a refusal or the capture error.
 
-    A failed capture leaves the model, the optimizer and the random generators as they were.
+    A failed capture leaves the model, the optimizer and the random generators as they were. ``amp``:
+    ``None``, ``"bf16"`` or ``"fp16"`` (autocast, plus loss scaling for fp16).
     """
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     reason = graph_refusal(model, optimizer, train_data=train_data, scheduler=scheduler)
     if reason is not None:
         return None, reason
@@ -150,6 +162,7 @@ def graph_engine(
             metrics=metrics,
             guard_nonfinite=guard_nonfinite,
             warmup_steps=warmup_steps,
+            amp=amp,
         )
     except Exception as exc:  # whatever the model did under capture: the caller falls back and says why
         return None, f"capturing the step into a CUDA graph failed: {type(exc).__name__}: {exc}"
@@ -189,6 +202,7 @@ class _CapturedStep:
         metrics: Sequence[Callable[..., Any]],
         guard_nonfinite: bool,
         warmup_steps: int,
+        amp: str | None = None,
     ) -> None:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.last_label, self.metrics, self.guard = last_label, list(metrics), guard_nonfinite
@@ -204,6 +218,16 @@ class _CapturedStep:
         self.sums = torch.zeros(2 + len(self.metrics), dtype=torch.float64, device=device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
         self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in optimizer.param_groups]
+        self.autocast = AMP_DTYPES.get(amp) if amp is not None else None
+        self.scale = None
+        if amp == "fp16":
+            self.scale = torch.full((), INITIAL_SCALE, dtype=torch.float32, device=device)
+            self.inv_scale = torch.ones((), dtype=torch.float32, device=device)
+            self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+            self.overflow = torch.zeros(
+                (), dtype=torch.float32, device=device
+            )  # this step's inf/NaN gradients
+            self.skip = torch.zeros((), dtype=torch.float32, device=device)  # the optimizer's found_inf
         self.tensors = _model_tensors(model, optimizer)
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.trainable = [t for t in self.tensors if t.requires_grad]
@@ -245,11 +269,19 @@ class _CapturedStep:
         finally:
             saved.restore(captured)
             model.train(was_training)
+        if self.scale is not None:
+            self.scale.fill_(INITIAL_SCALE)  # the warm-ups moved it
+            self.growth_tracker.zero_()
         # Graphs address their tensors by pointer: hold every one that was not allocated by the capture.
         keep_alive = [
             *self.sources,
             *(b for size in sizes for b in self.batches[size]),
             *self.lrs,
+            *(
+                [self.scale, self.inv_scale, self.growth_tracker, self.overflow, self.skip]
+                if self.scale is not None
+                else []
+            ),
             *self.tensors,
             *(g for _, g in self.grads),
             *(t for s in self.state.values() for t in s.values() if torch.is_tensor(t)),
@@ -268,14 +300,20 @@ class _CapturedStep:
         batch = self.batches[size]
         for source, buffer in zip(self.sources, batch, strict=True):
             torch.index_select(source, 0, self.index[size], out=buffer)
-        if self.last_label:
-            *inputs, labels = batch
-            pred = self.model(*inputs)
-            loss = self.loss_fn(pred, labels)
-        else:
-            labels = None
-            pred = self.model(*batch)
-            loss = self.loss_fn(pred)
+        autocast = (
+            torch.autocast("cuda", dtype=self.autocast, cache_enabled=False)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            if self.last_label:
+                *inputs, labels = batch
+                pred = self.model(*inputs)
+                loss = self.loss_fn(pred, labels)
+            else:
+                labels = None
+                pred = self.model(*batch)
+                loss = self.loss_fn(pred)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("loss_fn must return a single-element tensor")
         values = None
@@ -289,8 +327,24 @@ class _CapturedStep:
                     means.append(value.detach().reshape(()).to(torch.float64))
                 values = torch.stack(means)
         _C.GraphStep.account_step(loss.detach(), values, self.sums, self.found_inf, float(size), self.guard)
-        loss.backward()
+        if self.scale is None:
+            loss.backward()
+            self.optimizer.step()
+            return
+        # GradScaler's step, on the device: scale, unscale, skip on inf/NaN gradients, update the scale
+        (loss.float() * self.scale).backward()
+        torch.reciprocal(self.scale, out=self.inv_scale)
+        self.overflow.zero_()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.overflow, self.inv_scale)
+        if self.guard:
+            torch.maximum(self.overflow, self.found_inf, out=self.skip)
+        else:
+            self.skip.copy_(self.overflow)
         self.optimizer.step()
+        torch._amp_update_scale_(
+            self.scale, self.growth_tracker, self.overflow, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL
+        )
 
     @contextmanager
     def _capturing_optimizer(self) -> Iterator[None]:
@@ -305,8 +359,10 @@ class _CapturedStep:
                 group.update(lr=lr, fused=True, foreach=False)
                 if "capturable" in group:
                     group["capturable"] = True
-            if self.guard:
-                # torch.optim's fused steps skip the update where it is set, as GradScaler uses them
+            # torch.optim's fused steps skip the update where found_inf is set, as GradScaler uses them
+            if self.scale is not None:
+                self.optimizer.found_inf = self.skip
+            elif self.guard:
                 self.optimizer.found_inf = self.found_inf
             yield
         finally:

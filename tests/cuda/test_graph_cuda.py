@@ -401,7 +401,7 @@ def test_ctrl_c_stops_a_window_promptly():
     env = dict(os.environ, PYTHONPATH=str(Path(hotloop.__file__).parents[1]))
     proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout.readline().strip() == "ready"
-    time.sleep(3.0)  # past the capture
+    time.sleep(5.0)  # past the capture
     sent = time.perf_counter()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
@@ -409,3 +409,81 @@ def test_ctrl_c_stops_a_window_promptly():
     assert lines[0].startswith("interrupted"), out
     assert float(lines[0].split()[1]) - sent < 0.5
     assert lines[1] == "recovered 1"
+
+
+def plain_amp_loop(data, model, optimizer, loss_fn, *, amp, batch_size, steps):
+    """A plain mixed-precision loop: autocast forward and loss, GradScaler for fp16."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    generator = torch.Generator(device=DEVICE).manual_seed(7)
+    n, done, windows = data[0].shape[0], 0, []
+    while done < steps:
+        total = 0.0
+        for index in torch.randperm(n, generator=generator, device=DEVICE).split(batch_size):
+            *inputs, labels = [t[index] for t in data]
+            with torch.autocast("cuda", dtype=dtype):
+                loss = loss_fn(model(*inputs), labels)
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item() * index.numel()
+            done += 1
+        windows.append(total / n)
+    return windows
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision(amp):
+    from hotloop.graph import graph_engine
+
+    data, model = regression(n=96)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    choice, reason = graph_engine(
+        model,
+        optimizer,
+        nn.MSELoss(),
+        last_label=True,
+        train_data=data,
+        batch_size=32,
+        drop_last=False,
+        amp=amp,
+    )
+    assert choice is not None, reason
+    dataset = _C.Dataset(list(data), 32, True, False, torch.Generator(device=DEVICE).manual_seed(7), False)
+    loop = _C.Loop(dataset, choice.step)
+    losses = []
+    for _ in range(3):
+        choice.begin_window(3)
+        stats = loop.run(3, True)
+        choice.end_window()
+        losses.append(stats.loss_sum / stats.samples)
+    expected = plain_amp_loop(data, twin, twin_optimizer, nn.MSELoss(), amp=amp, batch_size=32, steps=9)
+    assert losses == pytest.approx(expected, rel=1e-3)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-3, atol=1e-4)
+
+
+class AutocastInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return self.net(x).float()
+
+
+def test_a_model_that_autocasts_itself():
+    data, _ = regression()
+    torch.manual_seed(0)
+    model = AutocastInForward().to(DEVICE)
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    events = list(itertools.islice(fit(data, model, optimizer), 2))
+    assert [e["engine"] for e in events] == ["graph", "graph"]
+    expected = plain_loop(data, twin, twin_optimizer, nn.MSELoss(), batch_size=32, steps=8)
+    assert [e["train_loss"] for e in events] == pytest.approx(expected, rel=1e-3)
