@@ -242,7 +242,9 @@ class _CapturedStep:
         try:
             model.train()
             self._set_lrs()
-            with self._capturing_optimizer():
+            # torch.cuda.graph captures on the current device, and its default capture stream is made once
+            # per process: name both, for data on any GPU
+            with torch.cuda.device(device), self._capturing_optimizer():
                 _to_fused_steps(optimizer, self.params, device)
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
@@ -255,7 +257,10 @@ class _CapturedStep:
                 optimizer.zero_grad(set_to_none=True)
                 for i, size in enumerate(sizes):
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    capture = torch.cuda.graph(
+                        graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"
+                    )
+                    with capture:
                         if i > 0:
                             # the first graph's backward made the gradient tensors; later graphs add into them
                             torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
