@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 DEV_DEPS := cmake ninja pybind11 scikit-build-core pytest hypothesis numpy scikit-learn matplotlib pandas tqdm ruff \
 	tensorboard ipython
 
-.PHONY: venv build test demo bench lint sanitize wheel clean
+.PHONY: venv build test demo bench lint sanitize wheel clean cuda-build cuda-test cuda-bench
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,31 @@ sanitize: venv
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		$(PY) -m pytest -q tests -o pythonpath=$(ASAN_PKG) $(SANITIZE_ARGS)
+
+# The graph engine on a GPU machine: a second venv with a CUDA torch, _C built into build/cuda and run from
+# a copy of the package (python/hotloop keeps the CPU build). Building needs nvcc, not a GPU.
+CUDA_VENV := .venv-cuda
+CUDA_TORCH_PIN ?= torch==2.14.1
+CUDA_PKG := build/cuda/pkg
+CUDA_BENCH_ARGS ?= --workloads mlp16,mlp784 --sweep none --contenders hotloop-graph,eager-loop,torch-compile,graph-floor
+
+$(CUDA_VENV)/.ready:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q $(CUDA_TORCH_PIN) cmake ninja pybind11 scikit-build-core pytest numpy
+	touch $@
+
+cuda-build: $(CUDA_VENV)/.ready
+	$(CUDA_VENV)/bin/cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DPython_EXECUTABLE=$(abspath $(CUDA_VENV)/bin/python) -DCMAKE_MAKE_PROGRAM=$(abspath $(CUDA_VENV)/bin/ninja) > /dev/null
+	$(CUDA_VENV)/bin/cmake --build build/cuda
+	rm -rf $(CUDA_PKG) && mkdir -p $(CUDA_PKG) && cp -r python/hotloop $(CUDA_PKG)/
+	rm -f $(CUDA_PKG)/hotloop/_C*.so && cp build/cuda/_C*.so build/cuda/_build_info.py $(CUDA_PKG)/hotloop/
+
+cuda-test: cuda-build
+	$(CUDA_VENV)/bin/python -m pytest -q tests/cuda tests/test_graph.py -o pythonpath=$(CUDA_PKG)
+
+cuda-bench: cuda-build
+	PYTHONPATH=$(CUDA_PKG):. $(CUDA_VENV)/bin/python bench/run.py --device cuda $(CUDA_BENCH_ARGS)
 
 wheel: venv
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
