@@ -4,6 +4,8 @@ The engine itself is tested on a GPU in tests/cuda/test_graph.py."""
 
 from __future__ import annotations
 
+import copy
+
 import hotloop
 import pytest
 import torch
@@ -60,3 +62,34 @@ def test_next_indices_visit_the_batches_of_next_batch(shuffle, drop_last):
 
 def test_graph_names_exist_exactly_in_cuda_builds():
     assert hasattr(_C, "GraphStep") == _C.WITH_CUDA
+
+
+def test_mixed_precision_runs_in_the_python_engine_on_cpu():
+    data, model, optimizer = regression()
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    with pytest.warns(hotloop.SlowPathWarning, match="does not run mixed precision"):
+        event = next(
+            hotloop.fit(data, model, optimizer, nn.MSELoss(), batch_size=8, amp="bf16", shuffle=False)
+        )
+    assert event["engine"] == "python"
+    total = 0.0
+    for index in torch.arange(40).split(8):
+        x, y = data[0][index], data[1][index]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.MSELoss()(twin(x), y)
+        twin_optimizer.zero_grad()
+        loss.backward()
+        twin_optimizer.step()
+        total += loss.item() * 8
+    assert event["train_loss"] == pytest.approx(total / 40)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mixed_precision_options_are_checked():
+    data, model, optimizer = regression()
+    with pytest.raises(ValueError, match="amp must be one of"):
+        next(hotloop.fit(data, model, optimizer, nn.MSELoss(), amp="fp8"))
+    with pytest.raises(RuntimeError, match="engine='native' cannot run .*mixed precision"):
+        next(hotloop.fit(data, model, optimizer, nn.MSELoss(), amp="fp16", engine="native"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,30 +42,42 @@ def python_step(
     metrics: Sequence[Callable[..., Any]] = (),
     scheduler: Any | None = None,
     guard_nonfinite: bool = False,
+    amp: str | None = None,
 ) -> Callable[..., Any]:
     """The plain PyTorch training step, called once per batch by the native loop.
 
     Returns the detached loss, or ``(loss, *metric_means)`` when train metrics are asked for. With
     ``guard_nonfinite`` a batch whose loss is not finite is not applied (the Loop then ends the window);
-    ``scheduler`` is stepped after every optimizer step, as in a plain per-step schedule.
+    ``scheduler`` is stepped after every optimizer step, as in a plain per-step schedule. ``amp``
+    (``"bf16"``/``"fp16"``) runs forward and loss under ``torch.autocast``, fp16 with a ``GradScaler``.
     """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if amp is not None else None
+    device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
 
     def step(*batch: torch.Tensor) -> Any:
-        if last_label:
-            *inputs, labels = batch
-            pred = model(*inputs)
-            loss = loss_fn(pred, labels)
-        else:
-            labels = None
-            pred = model(*batch)
-            loss = loss_fn(pred)
+        autocast = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with autocast:
+            if last_label:
+                *inputs, labels = batch
+                pred = model(*inputs)
+                loss = loss_fn(pred, labels)
+            else:
+                labels = None
+                pred = model(*batch)
+                loss = loss_fn(pred)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
         if guard_nonfinite and not bool(torch.isfinite(loss.detach()).all()):
             return loss.detach()
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if scheduler is not None:
             scheduler.step()
         if not metrics:
@@ -96,6 +109,7 @@ def choose_engine(
     metrics: Sequence[Callable[..., Any]] = (),
     scheduler: Any | None = None,
     guard_nonfinite: bool = False,
+    amp: str | None = None,
 ) -> EngineChoice:
     """The fastest engine that can run this step (``requested="auto"``), or the one asked for.
 
@@ -113,7 +127,7 @@ def choose_engine(
             graph, reason = graph_engine(
                 model, optimizer, loss_fn, last_label=last_label, train_data=train_data,
                 batch_size=batch_size, drop_last=drop_last, metrics=metrics, scheduler=scheduler,
-                guard_nonfinite=guard_nonfinite,
+                guard_nonfinite=guard_nonfinite, amp=amp,
             )
             if graph is not None:
                 return graph
@@ -123,6 +137,8 @@ def choose_engine(
     if requested in ("auto", "native"):
         if train_data is None or batch_size is None:
             reason = "the native engine needs train_data and batch_size to capture the step"
+        elif amp is not None:
+            reason = "it does not run mixed precision (amp)"
         else:
             native, reason = native_engine(
                 model, optimizer, loss_fn, last_label=last_label, train_data=train_data,
@@ -140,7 +156,8 @@ def choose_engine(
         if graph_reason is not None:
             reason = f"{graph_reason}; {reason}"
     step = python_step(
-        model, optimizer, loss_fn, last_label, metrics=metrics, scheduler=scheduler, guard_nonfinite=guard_nonfinite
+        model, optimizer, loss_fn, last_label, metrics=metrics, scheduler=scheduler,
+        guard_nonfinite=guard_nonfinite, amp=amp,
     )
     choice = EngineChoice("python", _C.PythonStep(step), reason)
     if choice.reason is not None:

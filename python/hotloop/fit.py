@@ -81,6 +81,7 @@ def fit(
     scheduler: Any | None = None,
     scheduler_every: str = "step",
     on_nonfinite: str = "raise",
+    amp: str | None = None,
     resume: Mapping[str, Any] | None = None,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
@@ -118,6 +119,11 @@ def fit(
             :class:`NonFiniteLossError` naming the step, ``"stop"`` yields a last event (with
             ``nonfinite_step``) and ends the stream, ``"continue"`` trains on as a plain loop would.
             With ``"raise"`` and ``"stop"`` the offending update is not applied.
+        amp: Mixed precision: ``None`` (default), ``"bf16"`` or ``"fp16"``. Forward and loss run under
+            ``torch.autocast`` with that dtype; fp16 adds ``torch.amp.GradScaler``'s loss scaling (inside
+            the CUDA graphs in the graph engine; the scale lives as long as the stream and is not part of
+            :meth:`FitStream.state_dict`). The graph and python engines run it, the native one does not
+            (``"auto"`` falls back to python on CPU).
         resume: A :meth:`FitStream.state_dict` to continue from: loads the model and optimizer state,
             the data order, the random generators and the counters.
 
@@ -152,6 +158,7 @@ def fit(
         scheduler=scheduler,
         scheduler_every=scheduler_every,
         on_nonfinite=on_nonfinite,
+        amp=amp,
         resume=resume,
     )
     return FitStream(lambda: _Session(train_data, model, optimizer, loss_fn, **options))
@@ -197,6 +204,7 @@ class _Session:
         scheduler: Any | None,
         scheduler_every: str,
         on_nonfinite: str,
+        amp: str | None,
         resume: Mapping[str, Any] | None,
     ) -> None:
         check.check_int("batch_size", batch_size, minimum=1)
@@ -209,6 +217,7 @@ class _Session:
         check.check_choice("engine", engine, ENGINES)
         check.check_choice("scheduler_every", scheduler_every, ("step", "event"))
         check.check_choice("on_nonfinite", on_nonfinite, ("raise", "stop", "continue"))
+        check.check_choice("amp", amp, (None, "bf16", "fp16"))
         metric_fns = check.check_metrics(metrics)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -260,7 +269,7 @@ class _Session:
             engine, model, optimizer, loss_fn, last_label=last_label, train_data=tensors, batch_size=batch_size,
             drop_last=drop_last, shuffle=shuffle, metrics=list(metric_fns.values()),
             scheduler=scheduler if scheduler_every == "step" else None,
-            guard_nonfinite=on_nonfinite != "continue",
+            guard_nonfinite=on_nonfinite != "continue", amp=amp,
         )
         self.dataset = _C.Dataset(tensors, batch_size, shuffle, drop_last, generator, self.choice.reuse_buffers)
         self.loop = _C.Loop(self.dataset, self.choice.step)

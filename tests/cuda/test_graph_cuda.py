@@ -487,3 +487,17 @@ def test_a_model_that_autocasts_itself():
     assert [e["engine"] for e in events] == ["graph", "graph"]
     expected = plain_loop(data, twin, twin_optimizer, nn.MSELoss(), batch_size=32, steps=8)
     assert [e["train_loss"] for e in events] == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_through_fit(amp):
+    data, model = regression(n=96)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    events = list(itertools.islice(fit(data, model, optimizer, amp=amp, engine="auto"), 3))
+    assert [e["engine"] for e in events] == ["graph"] * 3
+    expected = plain_amp_loop(data, twin, twin_optimizer, nn.MSELoss(), amp=amp, batch_size=32, steps=9)
+    assert [e["train_loss"] for e in events] == pytest.approx(expected, rel=1e-3)
+    python = list(itertools.islice(fit(data, twin, twin_optimizer, amp=amp, engine="python"), 1))
+    assert python[0]["engine"] == "python"
