@@ -306,7 +306,7 @@ CTRL_C_SCRIPT = textwrap.dedent(
 )
 
 
-def run_ctrl_c(engine: str) -> list[str]:
+def run_ctrl_c(engine: str, within: float = 0.1) -> list[str]:
     env = dict(os.environ, PYTHONPATH=str(Path(hotloop.__file__).parents[1]))
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_SCRIPT, engine], stdout=subprocess.PIPE, text=True, env=env
@@ -318,13 +318,14 @@ def run_ctrl_c(engine: str) -> list[str]:
     out, _ = proc.communicate(timeout=30)
     lines = out.split("\n")
     assert lines[0].startswith("interrupted"), out
-    assert float(lines[0].split()[1]) - sent < 0.5
+    assert float(lines[0].split()[1]) - sent < within
     assert lines[1] == "recovered 1"
     return lines
 
 
 def test_ctrl_c_stops_a_window_promptly():
-    run_ctrl_c(ENGINE)
+    # The python engine runs Python per step, so a busy machine can delay it a little more.
+    run_ctrl_c(ENGINE, within=0.5)
 
 
 def test_dropping_the_stream_frees_the_native_loop_without_gc():
@@ -388,3 +389,7 @@ def test_first_batch_check_leaves_buffers_and_rng_untouched():
     hotloop.validation.check_first_batch(model, lambda p, y: p.mean(), data, batch_size=8, last_label=True)
     assert torch.equal(torch.get_rng_state(), rng)
     assert_same_state(model, reference, rtol=0, atol=0)
+
+
+def test_ctrl_c_stops_a_native_window_within_a_tenth_of_a_second():
+    run_ctrl_c("native")
