@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import hotloop
 import pytest
 import torch
 from conftest import assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses
-from torch import nn
-
-import hotloop
 from hotloop.evaluation import accuracy
+from torch import nn
 
 ENGINES = ["python", "native"]
 
@@ -28,8 +27,16 @@ def test_train_accuracy_is_the_sample_weighted_mean_over_the_window(engine):
     reference = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    stream = hotloop.fit((x, y), model, opt, nn.CrossEntropyLoss(), batch_size=50, engine=engine,
-                         generator=torch.Generator().manual_seed(1), metrics={"train_accuracy": "accuracy"})
+    stream = hotloop.fit(
+        (x, y),
+        model,
+        opt,
+        nn.CrossEntropyLoss(),
+        batch_size=50,
+        engine=engine,
+        generator=torch.Generator().manual_seed(1),
+        metrics={"train_accuracy": "accuracy"},
+    )
     events = [next(stream) for _ in range(2)]
     g = torch.Generator().manual_seed(1)
     for event in events:
@@ -49,8 +56,17 @@ def test_train_accuracy_is_the_sample_weighted_mean_over_the_window(engine):
 def test_metric_functions_are_accepted(engine):
     (x, y), model = classification()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    event = next(hotloop.fit((x, y), model, opt, nn.CrossEntropyLoss(), batch_size=30, engine=engine,
-                             metrics={"const": lambda pred, labels: pred.detach().sum() * 0 + 0.5}))
+    event = next(
+        hotloop.fit(
+            (x, y),
+            model,
+            opt,
+            nn.CrossEntropyLoss(),
+            batch_size=30,
+            engine=engine,
+            metrics={"const": lambda pred, labels: pred.detach().sum() * 0 + 0.5},
+        )
+    )
     assert event["const"] == pytest.approx(0.5)
 
 
@@ -96,10 +112,20 @@ def test_one_cycle_per_step_matches_a_plain_loop_over_three_epochs(engine):
     steps = 3 * 7
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps)
     ref_sched = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.05, total_steps=steps)
-    stream = hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=32, scheduler=sched, engine=engine,
-                         generator=torch.Generator().manual_seed(2))
+    stream = hotloop.fit(
+        data,
+        model,
+        opt,
+        nn.MSELoss(),
+        batch_size=32,
+        scheduler=sched,
+        engine=engine,
+        generator=torch.Generator().manual_seed(2),
+    )
     events = [next(stream) for _ in range(3)]
-    losses, lrs = plain_loop_with_scheduler(data, reference, ref_opt, ref_sched, 3, 32, torch.Generator().manual_seed(2))
+    losses, lrs = plain_loop_with_scheduler(
+        data, reference, ref_opt, ref_sched, 3, 32, torch.Generator().manual_seed(2)
+    )
     assert [e["train_loss"] for e in events] == pytest.approx(losses, rel=1e-6)
     assert [e["lr"] for e in events] == pytest.approx([lrs[7], lrs[14], ref_sched.get_last_lr()[0]])
     assert_same_state(model, reference)
@@ -114,8 +140,9 @@ def test_scheduler_every_event_steps_once_per_window(engine):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    stream = hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=16, scheduler=sched, scheduler_every="event",
-                         engine=engine)
+    stream = hotloop.fit(
+        data, model, opt, nn.MSELoss(), batch_size=16, scheduler=sched, scheduler_every="event", engine=engine
+    )
     assert [next(stream)["lr"] for _ in range(3)] == pytest.approx([0.05, 0.025, 0.0125])
 
 
@@ -172,8 +199,17 @@ def test_nonfinite_loss_raises_naming_the_step_and_keeps_the_last_finite_weights
 @pytest.mark.parametrize("engine", ENGINES)
 def test_nonfinite_stop_yields_a_last_event_then_ends(engine):
     data, model, opt = poisoned(poison_row=25)
-    stream = hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=10, shuffle=False, every=1, engine=engine,
-                         on_nonfinite="stop")
+    stream = hotloop.fit(
+        data,
+        model,
+        opt,
+        nn.MSELoss(),
+        batch_size=10,
+        shuffle=False,
+        every=1,
+        engine=engine,
+        on_nonfinite="stop",
+    )
     events = list(stream)
     assert [e["updates"] for e in events] == [1, 2, 2]
     assert events[-1]["nonfinite_step"] == 3
@@ -183,7 +219,17 @@ def test_nonfinite_stop_yields_a_last_event_then_ends(engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_nonfinite_continue_trains_on_like_a_plain_loop(engine):
     data, model, opt = poisoned(poison_row=25)
-    event = next(hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=10, shuffle=False, engine=engine,
-                             on_nonfinite="continue"))
+    event = next(
+        hotloop.fit(
+            data,
+            model,
+            opt,
+            nn.MSELoss(),
+            batch_size=10,
+            shuffle=False,
+            engine=engine,
+            on_nonfinite="continue",
+        )
+    )
     assert event["updates"] == 4
     assert not torch.isfinite(model.linear.weight).all()

@@ -11,13 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import hotloop
 import pytest
 import torch
 from conftest import assert_same_state, mlp
-from torch import nn
-
-import hotloop
 from hotloop._native import _C
+from torch import nn
 
 ENGINES = ["python", "native"]
 
@@ -59,8 +58,13 @@ MEMORY_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize(("engine", "runs"), [("python", 1000), ("native", 300)])
 def test_many_short_runs_do_not_grow_memory(engine, runs):
     env = {"PYTHONPATH": str(Path(hotloop.__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, engine, str(runs)], capture_output=True, text=True,
-                         env=env, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, engine, str(runs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()
     grown, live = int(out[0]), int(out[1])
     assert live == 0
     # torch.fx keeps each traced graph's source in linecache (a few KiB per capture); no native state leaks.
@@ -72,8 +76,9 @@ def test_other_python_threads_run_during_a_window(engine):
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    stream = hotloop.fit((torch.randn(4096, 16), torch.randn(4096, 1)), model, opt, nn.MSELoss(), batch_size=8,
-                         engine=engine)
+    stream = hotloop.fit(
+        (torch.randn(4096, 16), torch.randn(4096, 1)), model, opt, nn.MSELoss(), batch_size=8, engine=engine
+    )
     ticks = 0
     stop = threading.Event()
 
@@ -104,8 +109,16 @@ def test_two_streams_interleave_like_two_separate_runs(engine):
 
     def stream(data, model, seed):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        return hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=16, every=3, engine=engine,
-                           generator=torch.Generator().manual_seed(seed))
+        return hotloop.fit(
+            data,
+            model,
+            opt,
+            nn.MSELoss(),
+            batch_size=16,
+            every=3,
+            engine=engine,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     a, b = stream(data_a, model_a, 1), stream(data_b, model_b, 2)
     mixed = []
@@ -157,5 +170,13 @@ def test_exceptions_in_the_model_propagate(engine):
     model = Broken()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="model failed mid-run"):
-        next(hotloop.fit((torch.randn(64, 16), torch.randn(64, 1)), model, opt, nn.MSELoss(), batch_size=8,
-                         engine="python"))
+        next(
+            hotloop.fit(
+                (torch.randn(64, 16), torch.randn(64, 1)),
+                model,
+                opt,
+                nn.MSELoss(),
+                batch_size=8,
+                engine="python",
+            )
+        )
