@@ -32,8 +32,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     def short_run():
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        stream = hotloop.fit((torch.randn(64, 4), torch.randn(64, 1)), model, opt, nn.MSELoss(), batch_size=16,
-                             engine=engine)
+        data = (torch.randn(64, 4), torch.randn(64, 1))
+        stream = hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=16, engine=engine)
         next(stream)
         stream.close()
 

@@ -125,9 +125,17 @@ def choose_engine(
             from .graph import graph_engine
 
             graph, reason = graph_engine(
-                model, optimizer, loss_fn, last_label=last_label, train_data=train_data,
-                batch_size=batch_size, drop_last=drop_last, metrics=metrics, scheduler=scheduler,
-                guard_nonfinite=guard_nonfinite, amp=amp,
+                model,
+                optimizer,
+                loss_fn,
+                last_label=last_label,
+                train_data=train_data,
+                batch_size=batch_size,
+                drop_last=drop_last,
+                metrics=metrics,
+                scheduler=scheduler,
+                guard_nonfinite=guard_nonfinite,
+                amp=amp,
             )
             if graph is not None:
                 return graph
@@ -141,8 +149,15 @@ def choose_engine(
             reason = "it does not run mixed precision (amp)"
         else:
             native, reason = native_engine(
-                model, optimizer, loss_fn, last_label=last_label, train_data=train_data,
-                batch_size=batch_size, drop_last=drop_last, shuffle=shuffle, metrics=metrics,
+                model,
+                optimizer,
+                loss_fn,
+                last_label=last_label,
+                train_data=train_data,
+                batch_size=batch_size,
+                drop_last=drop_last,
+                shuffle=shuffle,
+                metrics=metrics,
                 scheduler=scheduler,
             )
             if native is not None:
@@ -156,8 +171,14 @@ def choose_engine(
         if graph_reason is not None:
             reason = f"{graph_reason}; {reason}"
     step = python_step(
-        model, optimizer, loss_fn, last_label, metrics=metrics, scheduler=scheduler,
-        guard_nonfinite=guard_nonfinite, amp=amp,
+        model,
+        optimizer,
+        loss_fn,
+        last_label,
+        metrics=metrics,
+        scheduler=scheduler,
+        guard_nonfinite=guard_nonfinite,
+        amp=amp,
     )
     choice = EngineChoice("python", _C.PythonStep(step), reason)
     if choice.reason is not None:
@@ -211,6 +232,7 @@ def native_engine(
         )
     except capture.CaptureError as exc:
         return None, str(exc)
+
     def not_stepped() -> list[bool]:
         # a plain loop's zero_grad() never reaches these, so their .grad sums over steps
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -177,6 +177,7 @@ class NonFiniteLossError(FloatingPointError):
         )
         self.step = step
 
+
 _STATE_VERSION = 1
 
 
@@ -266,12 +267,23 @@ class _Session:
         self.step = step_offset
         self.updates_before = 0
         self.choice = choose_engine(
-            engine, model, optimizer, loss_fn, last_label=last_label, train_data=tensors, batch_size=batch_size,
-            drop_last=drop_last, shuffle=shuffle, metrics=list(metric_fns.values()),
+            engine,
+            model,
+            optimizer,
+            loss_fn,
+            last_label=last_label,
+            train_data=tensors,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            shuffle=shuffle,
+            metrics=list(metric_fns.values()),
             scheduler=scheduler if scheduler_every == "step" else None,
-            guard_nonfinite=on_nonfinite != "continue", amp=amp,
+            guard_nonfinite=on_nonfinite != "continue",
+            amp=amp,
         )
-        self.dataset = _C.Dataset(tensors, batch_size, shuffle, drop_last, generator, self.choice.reuse_buffers)
+        self.dataset = _C.Dataset(
+            tensors, batch_size, shuffle, drop_last, generator, self.choice.reuse_buffers
+        )
         self.loop = _C.Loop(self.dataset, self.choice.step)
         self.loop.set_guard_nonfinite(on_nonfinite != "continue")
         if resume is not None:
@@ -303,7 +315,9 @@ class _Session:
                 event[key] = total / stats.samples if stats.samples else float("nan")
             if stats.nonfinite_step >= 0:
                 if self.on_nonfinite == "raise":
-                    raise NonFiniteLossError(stats.nonfinite_step, self.updates_before + self.loop.total_steps)
+                    raise NonFiniteLossError(
+                        stats.nonfinite_step, self.updates_before + self.loop.total_steps
+                    )
                 event["nonfinite_step"] = stats.nonfinite_step
                 yield event
                 return

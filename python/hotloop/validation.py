@@ -215,7 +215,9 @@ def check_metrics(metrics: Any) -> dict[str, Callable[..., Any]]:
         elif callable(metric):
             resolved[key] = metric
         else:
-            raise TypeError(f"metrics[{key!r}] must be a metric name or a function, got {type(metric).__name__}")
+            raise TypeError(
+                f"metrics[{key!r}] must be a metric name or a function, got {type(metric).__name__}"
+            )
     return resolved
 
 
@@ -228,6 +230,8 @@ def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
             "tap(lambda event: plateau.step(event['val_loss']))"
         )
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
-        raise TypeError(f"scheduler must be a torch.optim.lr_scheduler scheduler, got {type(scheduler).__name__}")
+        raise TypeError(
+            f"scheduler must be a torch.optim.lr_scheduler scheduler, got {type(scheduler).__name__}"
+        )
     if scheduler.optimizer is not optimizer:
         raise ValueError("scheduler must schedule the optimizer passed to fit()")
