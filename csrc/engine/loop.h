@@ -45,7 +45,8 @@ class Loop {
   void request_interrupt() { interrupt_requested_.store(true); }
 
   Dataset& dataset() { return *dataset_; }
-  int64_t total_steps() const { return total_steps_; }
+  // Safe to read from another thread while a window runs (progress bars poll it).
+  int64_t total_steps() const { return total_steps_.load(); }
   // Loops alive in this process (lets tests prove that closing a stream frees its native state).
   static int64_t live_count() { return live_count_.load(); }
 
@@ -58,7 +59,7 @@ class Loop {
   std::shared_ptr<Step> step_;
   at::Tensor loss_accumulator_;
   std::vector<at::Tensor> metric_accumulators_;
-  int64_t total_steps_ = 0;
+  std::atomic<int64_t> total_steps_{0};
   std::atomic<bool> interrupt_requested_{false};
   static std::atomic<int64_t> live_count_;
 };

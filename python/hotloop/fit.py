@@ -166,6 +166,21 @@ def fit(
 
 epoch_stream = fit
 
+# The windows running now, innermost last: (loop, its total_steps at the window's start, planned steps).
+_RUNNING: list[tuple[Any, int, int]] = []
+
+
+def running_window() -> tuple[int, int] | None:
+    """``(steps done, steps planned)`` of the training window running now, or ``None``.
+
+    Windows run with the GIL released, so another thread (a progress bar) can poll this while the
+    thread that called ``next()`` waits for the event.
+    """
+    if not _RUNNING:
+        return None
+    loop, start, planned = _RUNNING[-1]
+    return loop.total_steps - start, planned
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss of a training step was NaN or infinite; the model holds the weights of the step before."""
@@ -324,15 +339,17 @@ class _Session:
             yield event
 
     def _run_window(self) -> Any:
+        planned = self.every or self.dataset.batches_per_epoch - self.dataset.batch_index
         if self.choice.begin_window is not None:
-            planned = self.every or self.dataset.batches_per_epoch - self.dataset.batch_index
             self.choice.begin_window(planned)
+        _RUNNING.append((self.loop, self.loop.total_steps, planned))
         try:
             with _interrupt_at_step_boundary(self.loop):
                 if self.every is None:
                     return self.loop.run(self.dataset.batches_per_epoch, True)
                 return self.loop.run(self.every, False)
         finally:
+            _RUNNING.pop()
             if self.choice.end_window is not None:
                 self.choice.end_window()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Literal
@@ -315,8 +316,14 @@ def progress(
     *,
     keys: Sequence[str] = ("train_loss", "val_loss"),
     desc: str | None = None,
+    window: bool = True,
+    poll_interval: float = 0.25,
 ) -> Transform:
     """A stage that shows a tqdm progress bar over the events, with ``keys`` as the bar's postfix.
+
+    With ``window=True`` a second bar follows the training window running inside ``fit`` (its optimizer
+    steps), polled every ``poll_interval`` seconds from a helper thread while the native loop runs:
+    useful with a large ``every``.
 
     ``total`` is the expected number of events (``None``: an open-ended counter). Keys missing from an
     event are left out of its postfix; single-element tensors are shown as numbers. The bar is written
@@ -338,6 +345,14 @@ def progress(
         _check_str("keys", key)
     if desc is not None:
         _check_str("desc", desc)
+    if not isinstance(window, bool):
+        raise TypeError(f"window must be a bool, got {type(window).__name__}")
+    if (
+        isinstance(poll_interval, bool)
+        or not isinstance(poll_interval, (int, float))
+        or not poll_interval > 0
+    ):
+        raise ValueError(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
     try:
         from tqdm import tqdm
     except ImportError as error:
@@ -350,6 +365,7 @@ def progress(
             yield from events
             return
         bar = tqdm(total=total, desc=desc, unit="event", file=stream, dynamic_ncols=True)
+        watcher = _WindowWatcher(tqdm, stream, poll_interval) if window else None
         try:
             for event in events:
                 postfix = {key: _postfix_value(event[key]) for key in shown if key in event}
@@ -358,9 +374,51 @@ def progress(
                 bar.update(1)
                 yield event
         finally:
+            if watcher is not None:
+                watcher.stop()
             bar.close()
 
     return stage
+
+
+class _WindowWatcher:
+    """A thread that mirrors the running training window (``fit.running_window``) in a second bar."""
+
+    def __init__(self, tqdm: Any, stream: Any, interval: float) -> None:
+        self._tqdm, self._stream, self._interval = tqdm, stream, interval
+        self._done = threading.Event()
+        self._bar: Any = None
+        self._thread = threading.Thread(target=self._watch, name="hotloop-progress", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        from .fit import running_window
+
+        while not self._done.wait(self._interval):
+            window = running_window()
+            if window is None:
+                continue
+            done, planned = window
+            if self._bar is None or self._bar.total != planned:
+                if self._bar is not None:
+                    self._bar.close()
+                self._bar = self._tqdm(
+                    total=planned,
+                    desc="window",
+                    unit="step",
+                    file=self._stream,
+                    position=1,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+            self._bar.n = min(done, planned)
+            self._bar.refresh()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _isatty(stream: Any) -> bool:
