@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def python_step(
                 loss = loss_fn(pred)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-        if guard_nonfinite and not bool(torch.isfinite(loss.detach()).all()):
+        if guard_nonfinite and not math.isfinite(loss.item()):
             return loss.detach()
         optimizer.zero_grad()
         if scaler is None:
