@@ -3,6 +3,7 @@
 #include <torch/python.h>
 
 #include "data/dataset.h"
+#include "engine/evaluator.h"
 #include "engine/loop.h"
 #include "engine/native_step.h"
 #include "engine/op_graph.h"
@@ -74,6 +75,17 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_inputs", &OpGraph::num_inputs)
       .def_property_readonly("num_outputs", &OpGraph::num_outputs)
       .def_property_readonly("op_names", &OpGraph::op_names);
+  // Native batched evaluation (built by hotloop.native_eval): run() releases the GIL itself.
+  py::class_<Evaluator, std::shared_ptr<Evaluator>>(m, "Evaluator")
+      .def(py::init<std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, int64_t>(),
+           py::arg("graphs"), py::arg("model_tensors"), py::arg("data"), py::arg("batch_size"))
+      .def("bind", &Evaluator::bind, py::arg("model_tensors"))
+      .def("run", &Evaluator::run)
+      .def_property_readonly("num_samples", &Evaluator::num_samples)
+      .def_property_readonly("batch_size", &Evaluator::batch_size)
+      .def_property_readonly("num_metrics", &Evaluator::num_metrics)
+      .def_property_readonly("batches_run", &Evaluator::batches_run);
   py::class_<NativeStep, Step, std::shared_ptr<NativeStep>>(m, "NativeStep")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>, std::vector<std::vector<int64_t>>,

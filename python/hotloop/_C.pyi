@@ -94,6 +94,28 @@ class OpGraph:
     @property
     def op_names(self) -> list[str]: ...
 
+class Evaluator:
+    """Batched no-grad evaluation: one captured forward+metrics graph per batch size, run over consecutive
+    slices of ``data`` with the metrics summed on the device (hotloop.native_eval)."""
+
+    def __init__(
+        self,
+        graphs: Sequence[tuple[int, OpGraph]],
+        model_tensors: Sequence[torch.Tensor],
+        data: Sequence[torch.Tensor],
+        batch_size: int,
+    ) -> None: ...
+    def bind(self, model_tensors: Sequence[torch.Tensor]) -> None: ...
+    def run(self) -> list[float]: ...
+    @property
+    def num_samples(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def num_metrics(self) -> int: ...
+    @property
+    def batches_run(self) -> int: ...
+
 class NativeStep(Step):
     """Runs the captured graph for the batch size, sets ``.grad`` and steps a native optimizer."""
 

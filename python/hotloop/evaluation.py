@@ -105,8 +105,8 @@ def evaluate_batched(
     Each metric is called once per batch as ``metric(pred, labels)`` (``metric(pred)`` when ``labels`` is
     ``None``) and must return that batch's mean as a single-element tensor or a number. Tensor values are
     accumulated on their device (float64 where the device has it) and synchronised once per metric at the
-    end. Runs without gradients; the caller sets the model's mode. This is the one place the batched loop
-    lives, so a native executor can take it over with the same contract.
+    end. Runs without gradients; the caller sets the model's mode. This is the Python fallback of the
+    native evaluator (:mod:`hotloop.native_eval`), which keeps the same contract.
 
     Example:
         >>> model = nn.Linear(1, 1, bias=False)
@@ -160,6 +160,12 @@ def evaluate(
             many samples (the last may be smaller) and reports each metric's sample-weighted mean over
             the batches, so metrics must be means over the samples (as ``nn.MSELoss()`` or
             ``"accuracy"`` are); values stay on the device until one sync per metric.
+            Batched evaluation runs natively: at the first event the forward and the metrics are
+            captured as ATen graphs (one per batch size; the model's forward and each metric run a
+            few times then) and C++ runs the batches with no Python per batch. Metrics that return
+            numbers, read tensor values in Python or cannot be traced run in Python batch by batch,
+            with a :class:`~hotloop.SlowPathWarning` saying why. The graphs are captured again when
+            the model's modules or its parameter/buffer names, shapes, dtypes or devices change.
 
     The model runs in eval mode without gradients; every module's previous mode is restored afterwards,
     also when a metric raises. Metrics must not modify the predictions or labels.
@@ -205,6 +211,11 @@ def evaluate(
     _check_batch_size(batch_size, tensors)
     inputs = tensors[:-1] if last_label else tensors
     labels = tensors[-1] if last_label else None
+    native = None
+    if batch_size is not None:
+        from .native_eval import NativeEvaluation
+
+        native = NativeEvaluation(tensors, resolved, last_label=last_label, batch_size=batch_size)
 
     def compute(event: dict[str, Any]) -> dict[str, float]:
         model = event["model"]
@@ -213,7 +224,10 @@ def evaluate(
         modes = [(module, module.training) for module in model.modules()]
         try:
             model.eval()
-            if batch_size is not None:
+            if native is not None:
+                values = native(model)
+                if values is not None:
+                    return values
                 return evaluate_batched(model, inputs, labels, resolved, batch_size)
             with torch.no_grad():
                 pred = model(*inputs)
