@@ -1,7 +1,10 @@
 // GraphStep: per step one index copy and one graph replay, no synchronisation; one read per window.
 #include "cuda/graph_step.h"
 
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
 
 #include <cmath>
 
@@ -55,8 +58,16 @@ void GraphStep::begin_window() {
 void GraphStep::run_indices(const at::Tensor& indices) {
   const int64_t count = indices.size(0);
   for (size_t i = 0; i < graphs_.size(); ++i) {
-    if (index_buffers_[i].size(0) != count) continue;
-    index_buffers_[i].copy_(indices, /*non_blocking=*/true);
+    const at::Tensor& buffer = index_buffers_[i];
+    if (buffer.size(0) != count) continue;
+    TORCH_CHECK(indices.device() == buffer.device() && indices.scalar_type() == at::kLong &&
+                    indices.is_contiguous(),
+                "the batch's indices must be a contiguous long tensor on ", buffer.device());
+    // A plain async copy on the stream the replay runs on: the one per-step operation besides the replay,
+    // kept clear of the dispatcher.
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(buffer.device().index());
+    C10_CUDA_CHECK(cudaMemcpyAsync(buffer.data_ptr(), indices.const_data_ptr(), count * sizeof(int64_t),
+                                   cudaMemcpyDeviceToDevice, stream));
     graphs_[i]->replay();
     ++replays_;
     return;
