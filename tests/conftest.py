@@ -96,5 +96,15 @@ def twin() -> Callable[[nn.Module], nn.Module]:
     return copy.deepcopy
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment for a child Python that must import this hotloop (and keep LD_PRELOAD etc.)."""
+    import os
+    from pathlib import Path
+
+    import hotloop
+
+    return dict(os.environ, PYTHONPATH=str(Path(hotloop.__file__).parents[1]))
+
+
 def mlp(inputs: int = 16, hidden: int = 32, outputs: int = 1) -> nn.Module:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-import hotloop
 import torch
+from conftest import subprocess_env
 from hotloop import _build_info
 from hotloop._native import _C
 
@@ -24,12 +23,11 @@ def test_mismatched_torch_raises_import_error_naming_both_versions():
         "except ImportError as exc:\n"
         "    print(exc)\n"
     )
-    env_path = str(Path(hotloop.__file__).parents[1])
     out = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": env_path},
+        env=subprocess_env(),
         check=True,
     ).stdout
     assert f"built against torch {torch.__version__}" in out

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import hotloop
 import pytest
 import torch
-from conftest import assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses
+from conftest import assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses, subprocess_env
 from hotloop._native import _C
 from torch import nn
 
@@ -307,7 +305,7 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 
 def run_ctrl_c(engine: str, within: float = 0.1) -> list[str]:
-    env = dict(os.environ, PYTHONPATH=str(Path(hotloop.__file__).parents[1]))
+    env = subprocess_env()
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_SCRIPT, engine], stdout=subprocess.PIPE, text=True, env=env
     )

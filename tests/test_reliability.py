@@ -9,12 +9,11 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import hotloop
 import pytest
 import torch
-from conftest import assert_same_state, mlp
+from conftest import assert_same_state, mlp, subprocess_env
 from hotloop._native import _C
 from torch import nn
 
@@ -57,7 +56,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 # Each native run captures (traces) the step afresh, about 50 ms: 300 runs keep the test short.
 @pytest.mark.parametrize(("engine", "runs"), [("python", 1000), ("native", 300)])
 def test_many_short_runs_do_not_grow_memory(engine, runs):
-    env = {"PYTHONPATH": str(Path(hotloop.__file__).parents[1])}
+    env = subprocess_env()
     out = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT, engine, str(runs)],
         capture_output=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 import hotloop
 import pytest
 import torch
+from conftest import subprocess_env
 from torch import nn
 
 SCRIPT = textwrap.dedent(
@@ -41,7 +42,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run(mode: str, state: Path, out: Path, engine: str, with_generator: bool) -> dict:
-    env = {"PYTHONPATH": str(Path(hotloop.__file__).parents[1])}
+    env = subprocess_env()
     subprocess.run(
         [sys.executable, "-c", SCRIPT, mode, str(state), str(out), engine, str(int(with_generator))],
         check=True,
