@@ -67,7 +67,7 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
         auto batch = dataset_->next_batch();
         batch_samples = batch.front().size(0);
         at::Tensor loss = step_->run(batch);
-        if (guard && !std::isfinite(loss.item<double>())) {
+        if (guard && !loss_is_finite(loss)) {
           // The step left the model untouched; the batch is consumed but not counted as an update.
           stats.nonfinite_step = total_steps_ + 1;
           break;

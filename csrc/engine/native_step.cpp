@@ -83,7 +83,7 @@ at::Tensor NativeStep::run(const std::vector<at::Tensor>& batch) {
   const at::Tensor& loss = graph.output(num_params);
   for (size_t i = 0; i < metrics_.size(); ++i) metrics_[i] = graph.output(num_params + 1 + static_cast<int64_t>(i));
   // A plain loop that skips a non-finite batch leaves .grad and the optimizer untouched.
-  if (guard_nonfinite_ && !std::isfinite(loss.item<double>())) return loss;
+  if (guard_nonfinite_ && !loss_is_finite(loss)) return loss;
 
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   for (size_t i = 0; i < params_.size(); ++i) {

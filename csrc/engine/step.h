@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -15,6 +16,16 @@ struct DeviceWindow {
   int64_t applied_steps = 0;        // steps whose update was applied
   bool nonfinite = false;           // a loss was not finite: that step and all later ones were skipped
 };
+
+// Whether a 0-dim loss is finite. A CPU float loss is read in place: the guard runs every step, and
+// Tensor::item() costs a dispatcher round trip (microseconds on small models).
+inline bool loss_is_finite(const at::Tensor& loss) {
+  if (loss.device().is_cpu() && loss.numel() == 1) {
+    if (loss.scalar_type() == at::kFloat) return std::isfinite(*loss.const_data_ptr<float>());
+    if (loss.scalar_type() == at::kDouble) return std::isfinite(*loss.const_data_ptr<double>());
+  }
+  return std::isfinite(loss.item<double>());
+}
 
 class Step {
  public:

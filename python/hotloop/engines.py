@@ -69,7 +69,7 @@ def python_step(
                 loss = loss_fn(pred)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-        if guard_nonfinite and not math.isfinite(loss.item()):
+        if guard_nonfinite and not math.isfinite(loss):
             return loss.detach()
         optimizer.zero_grad()
         if scaler is None:
