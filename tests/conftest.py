@@ -106,5 +106,18 @@ def subprocess_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(Path(hotloop.__file__).parents[1]))
 
 
+class TwoInputs(nn.Module):
+    """Dense features plus integer ids (an embedding), one classifier head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 8)
+        self.b = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.a(x) + self.b(ids)))
+
+
 def mlp(inputs: int = 16, hidden: int = 32, outputs: int = 1) -> nn.Module:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))

@@ -13,22 +13,18 @@ import time
 import hotloop
 import pytest
 import torch
-from conftest import assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses, subprocess_env
+from conftest import (
+    TwoInputs,
+    assert_same_optimizer_state,
+    assert_same_state,
+    mlp,
+    plain_loop_losses,
+    subprocess_env,
+)
 from hotloop._native import _C
 from torch import nn
 
 ENGINE = "python"
-
-
-class TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(5, 8)
-        self.b = nn.Embedding(10, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.a(x) + self.b(ids)))
 
 
 def autoencoder_loss(reconstruction: torch.Tensor) -> torch.Tensor:

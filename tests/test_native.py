@@ -10,21 +10,10 @@ import warnings
 import hotloop
 import pytest
 import torch
-from conftest import assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses
+from conftest import TwoInputs, assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses
 from torch import nn
 
 RTOL = 1e-5
-
-
-class TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(5, 8)
-        self.b = nn.Embedding(10, 8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.a(x) + self.b(ids)))
 
 
 class Bag(nn.Module):
@@ -782,21 +771,6 @@ def test_non_contiguous_train_data(shuffle):
         (x, y), model, optimizer, nn.MSELoss(), True, batch_size=16, epochs=2, shuffle=shuffle
     )
     assert_parity(*results[:2], model, optimizer, *results[2:])
-
-
-@pytest.mark.parametrize("with_generator", [True, False])
-def test_resume_in_a_new_process_is_bit_identical(tmp_path, with_generator):
-    from test_resume import run
-
-    state = tmp_path / "state.pt"
-    full = run("full", state, tmp_path / "full.pt", "native", with_generator)
-    resumed = run("resume", state, tmp_path / "resumed.pt", "native", with_generator)
-    assert resumed["events"] == full["events"][3:]
-    for key, value in full["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
-    for index, entry in full["opt"]["state"].items():
-        for name, value in entry.items():
-            assert torch.equal(value, resumed["opt"]["state"][index][name]), name
 
 
 def test_param_group_added_between_events():

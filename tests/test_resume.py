@@ -51,11 +51,12 @@ def run(mode: str, state: Path, out: Path, engine: str, with_generator: bool) ->
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.parametrize("engine", ["python", "native"])
 @pytest.mark.parametrize("with_generator", [True, False])
-def test_resume_in_a_new_process_is_bit_identical(tmp_path, with_generator):
+def test_resume_in_a_new_process_is_bit_identical(tmp_path, engine, with_generator):
     state = tmp_path / "state.pt"
-    full = run("full", state, tmp_path / "full.pt", "python", with_generator)
-    resumed = run("resume", state, tmp_path / "resumed.pt", "python", with_generator)
+    full = run("full", state, tmp_path / "full.pt", engine, with_generator)
+    resumed = run("resume", state, tmp_path / "resumed.pt", engine, with_generator)
     assert resumed["events"] == full["events"][3:]
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
