@@ -52,6 +52,7 @@ sanitize: venv
 	rm -f $(ASAN_PKG)/hotloop/_C*.so && cp build/asan/_C*.so build/asan/_build_info.py $(ASAN_PKG)/hotloop/
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	HOTLOOP_SANITIZED=1 \
 		$(PY) -m pytest -q tests -o pythonpath=$(ASAN_PKG) $(SANITIZE_ARGS)
 
 # The graph engine on a GPU machine: a second venv with a CUDA torch, _C built into build/cuda and run from
