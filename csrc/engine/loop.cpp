@@ -32,7 +32,6 @@ Loop::Loop(std::shared_ptr<Dataset> dataset, std::shared_ptr<Step> step)
     : dataset_(std::move(dataset)), step_(std::move(step)) {
   TORCH_CHECK(dataset_ != nullptr, "Loop needs a dataset");
   TORCH_CHECK(step_ != nullptr, "Loop needs a step");
-  loss_accumulator_ = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(dataset_->device()));
   ++live_count_;
 }
 
@@ -48,8 +47,8 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
   const int64_t epochs_before = dataset_->epochs_completed();
   {
     py::gil_scoped_release no_gil;
-    loss_accumulator_.zero_();
-    for (auto& accumulator : metric_accumulators_) accumulator.zero_();
+    loss_sum_.reset();
+    for (auto& sum : metric_sums_) sum.reset();
     interrupt_requested_.store(false);
     const bool guard = step_->guard_nonfinite();
     const bool on_device = step_->takes_indices();
@@ -72,7 +71,7 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
           stats.nonfinite_step = total_steps_ + 1;
           break;
         }
-        loss_accumulator_.add_(loss.detach(), static_cast<double>(batch_samples));
+        loss_sum_.add(loss, static_cast<double>(batch_samples));
         accumulate_metrics(batch_samples);
       }
       stats.samples += batch_samples;
@@ -90,8 +89,8 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
     if (on_device) {
       settle_device_window(stats, batch_samples_issued);
     } else {
-      stats.loss_sum = loss_accumulator_.item<double>();
-      for (const auto& accumulator : metric_accumulators_) stats.metric_sums.push_back(accumulator.item<double>());
+      stats.loss_sum = loss_sum_.total();
+      for (const auto& sum : metric_sums_) stats.metric_sums.push_back(sum.total());
     }
   }
   stats.epoch_ended = dataset_->epoch_finished();
@@ -118,13 +117,8 @@ void Loop::settle_device_window(WindowStats& stats, const std::vector<int64_t>& 
 
 void Loop::accumulate_metrics(int64_t batch_samples) {
   const auto metrics = step_->last_metrics();
-  if (metric_accumulators_.size() != metrics.size()) {
-    metric_accumulators_.clear();
-    for (size_t i = 0; i < metrics.size(); ++i) metric_accumulators_.push_back(at::zeros_like(loss_accumulator_));
-  }
-  for (size_t i = 0; i < metrics.size(); ++i) {
-    metric_accumulators_[i].add_(metrics[i].detach().reshape({}), static_cast<double>(batch_samples));
-  }
+  if (metric_sums_.size() != metrics.size()) metric_sums_.assign(metrics.size(), WindowSum());
+  for (size_t i = 0; i < metrics.size(); ++i) metric_sums_[i].add(metrics[i], static_cast<double>(batch_samples));
 }
 
 }  // namespace hotloop

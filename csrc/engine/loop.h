@@ -57,8 +57,8 @@ class Loop {
 
   std::shared_ptr<Dataset> dataset_;
   std::shared_ptr<Step> step_;
-  at::Tensor loss_accumulator_;
-  std::vector<at::Tensor> metric_accumulators_;
+  WindowSum loss_sum_;
+  std::vector<WindowSum> metric_sums_;
   std::atomic<int64_t> total_steps_{0};
   std::atomic<bool> interrupt_requested_{false};
   static std::atomic<int64_t> live_count_;

@@ -19,7 +19,8 @@ at::Tensor PythonStep::run(const std::vector<at::Tensor>& batch) {
   py::gil_scoped_acquire gil;
   py::tuple args(batch.size());
   for (size_t i = 0; i < batch.size(); ++i) args[i] = py::cast(batch[i]);
-  py::object result = step_fn_(*args);
+  py::object result = py::reinterpret_steal<py::object>(PyObject_Call(step_fn_.ptr(), args.ptr(), nullptr));
+  if (!result) throw py::error_already_set();
   metrics_.clear();
   if (py::isinstance<py::tuple>(result)) {
     auto values = result.cast<py::tuple>();
@@ -34,7 +35,7 @@ at::Tensor PythonStep::run(const std::vector<at::Tensor>& batch) {
               std::string(py::str(py::type::of(result))));
   at::Tensor loss = THPVariable_Unpack(result.ptr());
   TORCH_CHECK(loss.numel() == 1, "the loss must be a single value, got shape ", loss.sizes());
-  return loss.reshape({});
+  return loss.dim() == 0 ? loss : loss.reshape({});
 }
 
 }  // namespace hotloop

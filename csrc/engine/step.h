@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "engine/window_sum.h"
+
 namespace hotloop {
 
 // What a device-resident step measured over one window, read with one synchronisation at its end.
@@ -17,13 +19,9 @@ struct DeviceWindow {
   bool nonfinite = false;           // a loss was not finite: that step and all later ones were skipped
 };
 
-// Whether a 0-dim loss is finite. A CPU float loss is read in place: the guard runs every step, and
-// Tensor::item() costs a dispatcher round trip (microseconds on small models).
+// Whether a single-value loss is finite (read in place when it is a CPU float: the guard runs every step).
 inline bool loss_is_finite(const at::Tensor& loss) {
-  if (loss.device().is_cpu() && loss.numel() == 1) {
-    if (loss.scalar_type() == at::kFloat) return std::isfinite(*loss.const_data_ptr<float>());
-    if (loss.scalar_type() == at::kDouble) return std::isfinite(*loss.const_data_ptr<double>());
-  }
+  if (auto value = read_cpu_scalar(loss)) return std::isfinite(*value);
   return std::isfinite(loss.item<double>());
 }
 
