@@ -59,6 +59,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<std::shared_ptr<Dataset>, std::shared_ptr<Step>>(), py::arg("dataset"), py::arg("step"))
       .def("run", &Loop::run, py::arg("max_steps"), py::arg("stop_at_epoch_end"))
       .def("request_interrupt", &Loop::request_interrupt)
+      .def("clear_interrupt", &Loop::clear_interrupt)
       .def("set_guard_nonfinite", &Loop::set_guard_nonfinite, py::arg("guard"))
       .def_property_readonly("total_steps", &Loop::total_steps)
       .def_static("live_count", &Loop::live_count);

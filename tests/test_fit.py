@@ -411,3 +411,40 @@ def test_first_batch_check_leaves_buffers_and_rng_untouched():
 
 def test_ctrl_c_stops_a_native_window_within_a_tenth_of_a_second():
     run_ctrl_c("native")
+
+
+SHORT_WINDOWS_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time, torch
+    from torch import nn
+    import hotloop
+
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    stream = hotloop.fit((torch.randn(64, 3), torch.randn(64, 1)), model, opt, nn.MSELoss(), batch_size=64,
+                         every=1, engine=sys.argv[1])
+    next(stream)
+    threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    deadline = time.perf_counter() + 2.0
+    try:
+        while time.perf_counter() < deadline:
+            next(stream)
+        print("swallowed")
+    except KeyboardInterrupt:
+        print("raised")
+    """
+)
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_ctrl_c_is_never_lost_between_short_windows(engine):
+    # Windows of one step end before the loop's periodic signal check: the interrupt must still surface.
+    out = subprocess.run(
+        [sys.executable, "-c", SHORT_WINDOWS_SCRIPT, engine],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert out == ["raised"]

@@ -233,3 +233,70 @@ def test_nonfinite_continue_trains_on_like_a_plain_loop(engine):
     )
     assert event["updates"] == 4
     assert not torch.isfinite(model.linear.weight).all()
+
+
+def test_builtin_label_metrics_need_labels():
+    model = mlp(6, 4, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="last_label=False gives the metrics no labels"):
+        next(
+            hotloop.fit(
+                (torch.randn(8, 6),),
+                model,
+                opt,
+                lambda p: p.pow(2).mean(),
+                last_label=False,
+                metrics={"acc": "accuracy"},
+            )
+        )
+
+
+def test_a_failing_metric_fails_before_the_update():
+    (x, y), model = classification()
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def broken(pred, labels):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        next(
+            hotloop.fit(
+                (x, y),
+                model,
+                opt,
+                nn.CrossEntropyLoss(),
+                batch_size=30,
+                engine="python",
+                metrics={"bad": broken},
+            )
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nonfinite_step_counts_from_the_start_of_the_run_after_resume(engine):
+    data, model, opt = poisoned(poison_row=35)  # unshuffled, batch 10: the 4th step
+    options = dict(batch_size=10, shuffle=False, every=2, engine=engine)
+    stream = hotloop.fit(data, model, opt, nn.MSELoss(), **options)
+    assert next(stream)["updates"] == 2
+    state = stream.state_dict()
+    stream.close()
+    resumed = hotloop.fit(data, model, opt, nn.MSELoss(), resume=state, **options)
+    with pytest.raises(hotloop.NonFiniteLossError, match="non-finite loss at optimizer step 4;") as info:
+        next(resumed)
+    assert info.value.step == 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_run_can_be_checkpointed_after_a_nonfinite_error(engine):
+    data, model, opt = poisoned(poison_row=25)
+    stream = hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=10, shuffle=False, engine=engine)
+    with pytest.raises(hotloop.NonFiniteLossError):
+        next(stream)
+    state = stream.state_dict()
+    assert state["updates"] == 2 and state["batch_index"] == 3
+    stream.close()
+    with pytest.raises(RuntimeError, match="after the stream was closed"):
+        stream.state_dict()

@@ -93,3 +93,39 @@ def test_resume_rejects_a_state_for_other_data():
         )
     with pytest.raises(TypeError, match="resume must be the dict returned by FitStream.state_dict"):
         next(hotloop.fit((torch.randn(6, 2), torch.randn(6, 1)), model, opt, nn.MSELoss(), resume={"a": 1}))
+
+
+def test_resume_with_other_batching_is_rejected_before_anything_is_loaded():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = (torch.randn(8, 2), torch.randn(8, 1))
+    stream = hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=2, every=1)
+    next(stream)
+    state = stream.state_dict()
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    with pytest.raises(ValueError, match="saved with batch_size=2, this fit\\(\\) call has batch_size=3"):
+        next(hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=3, resume=state))
+    with pytest.raises(ValueError, match="disagree on whether a generator is given"):
+        next(
+            hotloop.fit(
+                data, model, opt, nn.MSELoss(), batch_size=2, generator=torch.Generator(), resume=state
+            )
+        )
+    assert torch.all(model.weight == 7.0)
+
+
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_unshuffled_runs_resume_mid_epoch(engine):
+    torch.manual_seed(0)
+    data = (torch.randn(10, 3), torch.randn(10, 1))
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stream = hotloop.fit(data, model, opt, nn.MSELoss(), batch_size=2, shuffle=False, every=3, engine=engine)
+    next(stream)
+    state = stream.state_dict()
+    expected = [next(stream)["train_loss"] for _ in range(3)]
+    resumed = hotloop.fit(
+        data, model, opt, nn.MSELoss(), batch_size=2, shuffle=False, every=3, engine=engine, resume=state
+    )
+    assert [next(resumed)["train_loss"] for _ in range(3)] == expected

@@ -49,7 +49,6 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
     py::gil_scoped_release no_gil;
     loss_sum_.reset();
     for (auto& sum : metric_sums_) sum.reset();
-    interrupt_requested_.store(false);
     const bool guard = step_->guard_nonfinite();
     const bool on_device = step_->takes_indices();
     std::vector<int64_t> batch_samples_issued;  // device-resident steps: each step's batch size, in order
@@ -77,12 +76,12 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
       stats.samples += batch_samples;
       ++stats.steps;
       ++total_steps_;
-      if (interrupt_requested_.load()) raise_keyboard_interrupt();
+      if (interrupt_requested_.exchange(false)) raise_keyboard_interrupt();
       if (stop_at_epoch_end && dataset_->epoch_finished()) break;
       const auto now = Clock::now();
       if (now >= next_signal_check) {
         raise_pending_signals();  // runs Python's handlers, which may call request_interrupt()
-        if (interrupt_requested_.load()) raise_keyboard_interrupt();
+        if (interrupt_requested_.exchange(false)) raise_keyboard_interrupt();
         next_signal_check = now + kSignalCheckInterval;
       }
     }

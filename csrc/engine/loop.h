@@ -43,6 +43,7 @@ class Loop {
   // Asks a running window to stop with KeyboardInterrupt after the step in progress (safe from a
   // signal handler: it only sets a flag).
   void request_interrupt() { interrupt_requested_.store(true); }
+  void clear_interrupt() { interrupt_requested_.store(false); }
 
   Dataset& dataset() { return *dataset_; }
   // Safe to read from another thread while a window runs (progress bars poll it).

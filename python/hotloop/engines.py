@@ -69,8 +69,15 @@ def python_step(
                 loss = loss_fn(pred)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-        if guard_nonfinite and not math.isfinite(loss):
+        if guard_nonfinite and not math.isfinite(loss.item()):
             return loss.detach()
+        # Metrics first: one that fails must fail before the update, not after it.
+        values: tuple[torch.Tensor, ...] = ()
+        if metrics:
+            with torch.no_grad():
+                values = tuple(
+                    _as_tensor(fn(pred, labels) if last_label else fn(pred), loss) for fn in metrics
+                )
         optimizer.zero_grad()
         if scaler is None:
             loss.backward()
@@ -81,11 +88,7 @@ def python_step(
             scaler.update()
         if scheduler is not None:
             scheduler.step()
-        if not metrics:
-            return loss.detach()
-        with torch.no_grad():
-            values = tuple(_as_tensor(fn(pred, labels) if last_label else fn(pred), loss) for fn in metrics)
-        return (loss.detach(), *values)
+        return (loss.detach(), *values) if metrics else loss.detach()
 
     return step
 

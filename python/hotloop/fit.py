@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 import threading
 import time
@@ -41,6 +42,8 @@ class FitStream(Iterator[Event]):
     def close(self) -> None:
         """Stop training and free the native loop, its dataset copy and buffers."""
         self._events.close()
+        if self._holder:
+            self._holder[0].release()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume after the last event: model, optimizer, data order, RNG, counters.
@@ -57,8 +60,13 @@ def _generate(start: Callable[[], _Session], holder: list[_Session]) -> Iterator
     holder.append(start())
     try:
         yield from holder[0].events()
-    finally:
+    except GeneratorExit:
         holder[0].release()
+        raise
+    # An exception from training (Ctrl-C, a non-finite loss, the model) ends the stream but keeps the
+    # session, so state_dict() can still checkpoint the run at the step boundary where it stopped;
+    # close() or dropping the stream frees it.
+    holder[0].release()
 
 
 def fit(
@@ -234,7 +242,7 @@ class _Session:
         check.check_choice("scheduler_every", scheduler_every, ("step", "event"))
         check.check_choice("on_nonfinite", on_nonfinite, ("raise", "stop", "continue"))
         check.check_choice("amp", amp, (None, "bf16", "fp16"))
-        metric_fns = check.check_metrics(metrics)
+        metric_fns = check.check_metrics(metrics, last_label=last_label)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not any(p.requires_grad for p in model.parameters()):
@@ -274,6 +282,7 @@ class _Session:
 
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self.every = every
+        self.batching = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
         self.extra = dict(extra or {})
         self.metric_keys = list(metric_fns)
         self.scheduler = scheduler
@@ -329,11 +338,10 @@ class _Session:
             for key, total in zip(self.metric_keys, stats.metric_sums, strict=True):
                 event[key] = total / stats.samples if stats.samples else float("nan")
             if stats.nonfinite_step >= 0:
+                bad_step = self.updates_before + stats.nonfinite_step
                 if self.on_nonfinite == "raise":
-                    raise NonFiniteLossError(
-                        stats.nonfinite_step, self.updates_before + self.loop.total_steps
-                    )
-                event["nonfinite_step"] = stats.nonfinite_step
+                    raise NonFiniteLossError(bad_step, self.updates_before + self.loop.total_steps)
+                event["nonfinite_step"] = bad_step
                 yield event
                 return
             yield event
@@ -342,14 +350,15 @@ class _Session:
         planned = self.every or self.dataset.batches_per_epoch - self.dataset.batch_index
         if self.choice.begin_window is not None:
             self.choice.begin_window(planned)
-        _RUNNING.append((self.loop, self.loop.total_steps, planned))
+        entry = (self.loop, self.loop.total_steps, planned)
+        _RUNNING.append(entry)
         try:
             with _interrupt_at_step_boundary(self.loop):
                 if self.every is None:
                     return self.loop.run(self.dataset.batches_per_epoch, True)
                 return self.loop.run(self.every, False)
         finally:
-            _RUNNING.pop()
+            _RUNNING.remove(entry)  # its own entry: another thread's window may have started since
             if self.choice.end_window is not None:
                 self.choice.end_window()
 
@@ -362,13 +371,15 @@ class _Session:
         order = self.dataset.epoch_order
         return {
             "version": _STATE_VERSION,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # Copies, not the live tensors: the snapshot must not move on when training continues.
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "step": self.step,
             "updates": self.updates_before + self.loop.total_steps,
             "epochs_completed": self.dataset.epochs_completed,
             "batch_index": self.dataset.batch_index,
-            "epoch_order": order.cpu() if self.dataset.batch_index > 0 else None,
+            "epoch_order": order.cpu() if order is not None and self.dataset.batch_index > 0 else None,
+            "batching": dict(self.batching),
             "num_samples": self.dataset.num_samples,
             "generator": self.generator.get_state() if self.generator is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -376,21 +387,26 @@ class _Session:
         }
 
     def _restore(self, state: Mapping[str, Any]) -> None:
+        # Every check comes before the first load: a mismatched state leaves the user's objects as they were.
         if state["num_samples"] != self.dataset.num_samples:
             raise ValueError(
                 f"resume state was saved for {state['num_samples']} samples, but train_data has "
                 f"{self.dataset.num_samples}"
             )
-        if state["batch_index"] >= self.dataset.batches_per_epoch:
-            raise ValueError("resume state does not match batch_size/drop_last of this fit() call")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for key, value in self.batching.items():
+            if state["batching"][key] != value:
+                raise ValueError(
+                    f"resume state was saved with {key}={state['batching'][key]!r}, this fit() call has "
+                    f"{key}={value!r}: the data position would not match"
+                )
         if (state["generator"] is None) != (self.generator is None):
             raise ValueError("resume state and this fit() call disagree on whether a generator is given")
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise ValueError("resume state and this fit() call disagree on whether a scheduler is given")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(state["rng"])
@@ -417,6 +433,8 @@ def _check_resume_state(state: Any) -> None:
         "num_samples",
         "generator",
         "rng",
+        "scheduler",
+        "batching",
     }
     if not isinstance(state, Mapping) or not required <= set(state):
         raise TypeError("resume must be the dict returned by FitStream.state_dict()")
@@ -442,7 +460,8 @@ def _interrupt_at_step_boundary(loop: Any) -> Iterator[None]:
     """Turn Ctrl-C during a window into a KeyboardInterrupt raised between two steps, never inside one.
 
     Only Python's default SIGINT handler is replaced, and only from the main thread; a handler the user
-    installed runs as usual.
+    installed runs as usual. A Ctrl-C the loop did not see (it came after the window's last check) is
+    raised when the window returns.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -450,8 +469,19 @@ def _interrupt_at_step_boundary(loop: Any) -> Iterator[None]:
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
-    signal.signal(signal.SIGINT, lambda signum, frame: loop.request_interrupt())
+    interrupted = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        loop.request_interrupt()
+
+    loop.clear_interrupt()
+    signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        loop.clear_interrupt()
+        raise KeyboardInterrupt

@@ -195,7 +195,7 @@ def _label_hint(loss_fn: Callable[..., Any], pred: Any, labels: torch.Tensor | N
     return None
 
 
-def check_metrics(metrics: Any) -> dict[str, Callable[..., Any]]:
+def check_metrics(metrics: Any, *, last_label: bool = True) -> dict[str, Callable[..., Any]]:
     """Train metrics as ``{event_key: fn}``; names resolve to the built-in metrics."""
     from .evaluation import METRICS
 
@@ -211,6 +211,11 @@ def check_metrics(metrics: Any) -> dict[str, Callable[..., Any]]:
             if metric not in METRICS:
                 names = ", ".join(repr(n) for n in METRICS)
                 raise ValueError(f"metrics[{key!r}]: unknown metric {metric!r}; built-in metrics are {names}")
+            if not last_label:
+                raise ValueError(
+                    f"metrics[{key!r}]: the built-in {metric!r} compares predictions with labels, but "
+                    "last_label=False gives the metrics no labels; pass a function metric(pred) instead"
+                )
             resolved[key] = METRICS[metric]
         elif callable(metric):
             resolved[key] = metric
