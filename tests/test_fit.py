@@ -448,3 +448,16 @@ def test_ctrl_c_is_never_lost_between_short_windows(engine):
         check=True,
     ).stdout.split()
     assert out == ["raised"]
+
+
+def test_out_of_memory_while_placing_the_data_names_the_sizes(monkeypatch):
+    data, model, optimizer, loss_fn, _ = regression()
+
+    def no_room(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    monkeypatch.setattr(torch.Tensor, "to", no_room)
+    with pytest.raises(
+        torch.OutOfMemoryError, match=r"train_data \(0.0 MiB: \(200, 16\) torch.float32, \(200, 1\)"
+    ):
+        next(hotloop.fit(data, model, optimizer, loss_fn, device="cpu"))
