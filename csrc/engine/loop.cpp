@@ -1,5 +1,6 @@
 // Loop: the native inner loop. Loss is accumulated on the device and read once per window.
 #include "engine/loop.h"
+#include "engine/signal_check.h"
 
 #include <pybind11/pybind11.h>
 
@@ -11,14 +12,6 @@ namespace hotloop {
 namespace py = pybind11;
 
 namespace {
-// How often a running window looks for Ctrl-C; short enough to feel instant, long enough to cost nothing.
-constexpr auto kSignalCheckInterval = std::chrono::milliseconds(5);
-
-void raise_pending_signals() {
-  py::gil_scoped_acquire gil;
-  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-}
-
 [[noreturn]] void raise_keyboard_interrupt() {
   py::gil_scoped_acquire gil;
   PyErr_SetNone(PyExc_KeyboardInterrupt);
@@ -53,7 +46,7 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
     const bool on_device = step_->takes_indices();
     std::vector<int64_t> batch_samples_issued;  // device-resident steps: each step's batch size, in order
     if (on_device) step_->begin_window();
-    auto next_signal_check = start + kSignalCheckInterval;
+    SignalCheck signals;
     while (stats.steps < max_steps) {
       int64_t batch_samples = 0;
       if (on_device) {
@@ -78,12 +71,8 @@ WindowStats Loop::run(int64_t max_steps, bool stop_at_epoch_end) {
       ++total_steps_;
       if (interrupt_requested_.exchange(false)) raise_keyboard_interrupt();
       if (stop_at_epoch_end && dataset_->epoch_finished()) break;
-      const auto now = Clock::now();
-      if (now >= next_signal_check) {
-        raise_pending_signals();  // runs Python's handlers, which may call request_interrupt()
-        if (interrupt_requested_.exchange(false)) raise_keyboard_interrupt();
-        next_signal_check = now + kSignalCheckInterval;
-      }
+      signals.poll();  // runs Python's handlers every few ms; ours calls request_interrupt()
+      if (interrupt_requested_.exchange(false)) raise_keyboard_interrupt();
     }
     if (on_device) {
       settle_device_window(stats, batch_samples_issued);

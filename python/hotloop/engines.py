@@ -106,8 +106,8 @@ def choose_engine(
     loss_fn: Callable[..., torch.Tensor],
     *,
     last_label: bool,
-    train_data: Sequence[torch.Tensor] | None = None,
-    batch_size: int | None = None,
+    train_data: Sequence[torch.Tensor],
+    batch_size: int,
     drop_last: bool = False,
     shuffle: bool = True,
     metrics: Sequence[Callable[..., Any]] = (),
@@ -121,35 +121,30 @@ def choose_engine(
     """
     reason: str | None = None
     graph_reason: str | None = None
-    on_cuda = bool(train_data) and train_data[0].device.type == "cuda"
+    on_cuda = train_data[0].device.type == "cuda"
     if requested == "graph" or (requested == "auto" and on_cuda):
-        if train_data is None or batch_size is None:
-            reason = "the graph engine needs train_data and batch_size to capture the step"
-        else:
-            from .graph import graph_engine
+        from .graph import graph_engine
 
-            graph, reason = graph_engine(
-                model,
-                optimizer,
-                loss_fn,
-                last_label=last_label,
-                train_data=train_data,
-                batch_size=batch_size,
-                drop_last=drop_last,
-                metrics=metrics,
-                scheduler=scheduler,
-                guard_nonfinite=guard_nonfinite,
-                amp=amp,
-            )
-            if graph is not None:
-                return graph
+        graph, reason = graph_engine(
+            model,
+            optimizer,
+            loss_fn,
+            last_label=last_label,
+            train_data=train_data,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            metrics=metrics,
+            scheduler=scheduler,
+            guard_nonfinite=guard_nonfinite,
+            amp=amp,
+        )
+        if graph is not None:
+            return graph
         if requested == "graph":
             raise RuntimeError(f"engine='graph' cannot run this training step: {reason}")
         graph_reason = f"the graph engine cannot run this training step: {reason}"
     if requested in ("auto", "native"):
-        if train_data is None or batch_size is None:
-            reason = "the native engine needs train_data and batch_size to capture the step"
-        elif amp is not None:
+        if amp is not None:
             reason = "it does not run mixed precision (amp)"
         else:
             native, reason = native_engine(
