@@ -515,7 +515,7 @@ FALLBACKS = {
     "python_state": (
         CountingBranch,
         lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-        "differs between the captured graph and an eager step",
+        "changes Python state .model attribute 'calls'.",
     ),
 }
 
@@ -557,36 +557,20 @@ def test_auto_picks_native_on_cpu_without_warning():
 
 
 def test_no_python_runs_per_step():
-    calls = {"forward": 0, "loss": 0}
-
-    class Counted(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = mlp()
-
-        def forward(self, x):
-            calls["forward"] += 1
-            return self.body(x)
-
-    def loss_fn(pred, target):
-        calls["loss"] += 1
-        return nn.functional.mse_loss(pred, target)
-
     def python_calls_in_a_window(every: int) -> list[str]:
         torch.manual_seed(13)
-        model = Counted()
+        model = mlp()
         data = (torch.randn(4096, 16), torch.randn(4096, 1))
         stream = hotloop.fit(
             data,
             model,
             torch.optim.Adam(model.parameters()),
-            loss_fn,
+            nn.MSELoss(),
             batch_size=8,
             engine="native",
             every=every,
         )
         next(stream)  # capture (and its eager check) happen here
-        after_capture = dict(calls)
         names: list[str] = []
 
         def profile(frame, event, arg):
@@ -600,7 +584,7 @@ def test_no_python_runs_per_step():
             sys.setprofile(None)
         stream.close()
         assert event["engine"] == "native" and event["updates"] == 2 * every
-        assert calls == after_capture  # neither forward nor the loss ran during the window
+        assert "forward" not in names and "mse_loss" not in names  # neither ran during the window
         return names
 
     # The Python that does run (the event, the optimizer's configuration) is the same for a window of

@@ -8,7 +8,6 @@ step on a real batch before anyone trains with it.
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,10 +15,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.func import functional_call, grad_and_value
+from torch.func import grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ._native import _C
+from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
 
 
 class CaptureError(RuntimeError):
@@ -101,14 +101,17 @@ def _joint_step(
     def loss_of(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
         tensors = dict(zip(train_names, params, strict=True))
         tensors.update(zip(state_names, state, strict=True))
-        if last_label:
-            *inputs, labels = batch
-            pred = functional_call(model, tensors, tuple(inputs))
-            loss = loss_fn(pred, labels)
-        else:
-            labels = None
-            pred = functional_call(model, tensors, tuple(batch))
-            loss = loss_fn(pred)
+        # Forward and loss under one reparametrisation: a loss that reads the model's tensors (an L2
+        # penalty over model.parameters(), a tied weight) reads graph inputs, so its gradient is kept.
+        with reparametrized(model, tensors):
+            if last_label:
+                *inputs, labels = batch
+                pred = model(*inputs)
+                loss = loss_fn(pred, labels)
+            else:
+                labels = None
+                pred = model(*batch)
+                loss = loss_fn(pred)
         if not isinstance(loss, torch.Tensor):
             raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
         if loss.numel() != 1:
@@ -335,9 +338,12 @@ def _aliases_input(node: fx.Node) -> bool:
         node = node.args[0]
 
 
-def lower(gm: fx.GraphModule, num_inputs: int) -> Any:
+def lower(gm: fx.GraphModule, num_inputs: int, *, protected: dict[str, torch.Tensor] | None = None) -> Any:
     """Lower a traced graph to a ``_C.OpGraph``: inputs are the placeholders in order, outputs the flattened
-    outputs. Raises CaptureError for anything that is not a plain ATen op call."""
+    outputs. Raises CaptureError for anything that is not a plain ATen op call, and for a tensor constant
+    that is, or shares memory with, one of the ``protected`` tensors (the model's parameters and buffers):
+    baked in, it would never change, and its gradient would be dropped."""
+    _refuse_baked_in(gm, protected or {})
     _simplify(gm)
     nodes = _eliminate_dead_code(gm.graph)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -459,6 +465,28 @@ def lower(gm: fx.GraphModule, num_inputs: int) -> Any:
     return graph
 
 
+def _refuse_baked_in(gm: fx.GraphModule, protected: dict[str, torch.Tensor]) -> None:
+    storages = {}
+    for name, tensor in protected.items():
+        storages.setdefault(tensor.untyped_storage().data_ptr(), name)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr(gm, node.target, None)
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            continue
+        named = next((n for n, t in protected.items() if t is value), None)
+        if named is None and value.untyped_storage().data_ptr() != 0:
+            named = storages.get(value.untyped_storage().data_ptr())
+        if named is not None:
+            raise CaptureError(
+                f"forward or loss_fn reads the model's tensor '{named}' other than through the model (a "
+                "reference kept from before fit(), e.g. params = list(model.parameters())), so the captured "
+                "graph would hold it as a constant and drop its gradient; read it through the model "
+                "(model.parameters(), model.layer.weight) inside loss_fn"
+            )
+
+
 def _unpacked_slots(op: dict[str, Any]) -> list[int]:
     base = op["results"][0]
     return list(range(base, base + op["unpacked"])) if base >= 0 else []
@@ -504,22 +532,32 @@ def capture_step(
     metrics: Sequence[Callable[..., Any]] = (),
 ) -> CapturedStep:
     """Capture and lower one graph per batch size in ``batches`` (real example batches), each checked
-    against an eager autograd step on its example batch. Raises CaptureError with the reason.
+    against an eager autograd step of the user's own model on its example batch. Raises CaptureError with
+    the reason. Whatever tracing and checking change (Python attributes, buffers, gradients, RNG) is put
+    back, so the model is called no more often than a plain loop calls it.
 
     The graphs return ``(*grads, loss, *metrics)``; each metric is called as ``metric(pred, labels)``
     (``metric(pred)`` without labels) on the step's predictions."""
+    reason = refusal_reason(model, loss_fn)
+    if reason is not None:
+        raise CaptureError(reason)
     train_names, train, state_names, state = _split_parameters(model)
     if not train:
         raise CaptureError("the model has no trainable parameters")
     captured = CapturedStep(train_names, train, state_names, state, num_batch_inputs=len(batches[0]))
     num_inputs = len(train) + len(state) + captured.num_batch_inputs
+    protected = dict(zip(train_names + state_names, train + state, strict=True))
     for batch in batches:
         size = batch[0].shape[0]
         if size in captured.graphs:
             continue
-        gm = trace_step(model, loss_fn, batch, last_label=last_label, metrics=metrics)
+        snapshot = UserState(model, loss_fn)
         try:
-            graph = lower(gm, num_inputs)
+            gm = trace_step(model, loss_fn, batch, last_label=last_label, metrics=metrics)
+        finally:
+            snapshot.restore()
+        try:
+            graph = lower(gm, num_inputs, protected=protected)
         except CaptureError:
             raise
         except Exception as exc:  # an op or graph shape the lowering does not know: fall back, saying so
@@ -540,20 +578,30 @@ def verify(
     metrics: Sequence[Callable[..., Any]] = (),
     rtol: float = 1e-4,
 ) -> None:
-    """Run ``graph`` and an eager autograd step (on a deep copy) from the same parameters, buffers and RNG
-    state, and raise CaptureError if loss, gradients or buffer updates disagree: the capture froze
-    something that an eager step computes differently (Python state, data-dependent control flow).
-    Leaves the model, its buffers and the RNG state untouched."""
+    """Run ``graph`` and an eager autograd step of the user's own model and loss (what their closures see)
+    from the same parameters, buffers and RNG state, and raise CaptureError if loss, gradients or buffer
+    updates disagree, or if the eager step changed Python state that the graph froze. Puts the model, its
+    gradients, buffers and Python attributes and the RNG state back as they were."""
     devices = [d for d in {t.device for t in (*captured.params, *batch)} if d.type == "cuda"]
     with torch.random.fork_rng(devices=devices):
         rng = torch.get_rng_state()
         cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
-        reference = _eager_reference(model, loss_fn, batch, last_label=last_label, metrics=metrics)
+        snapshot = UserState(model, loss_fn)
+        try:
+            # each run gets its own copy of the batch: forward may write into its inputs
+            reference = _eager_reference(
+                captured, model, loss_fn, [t.clone() for t in batch], last_label=last_label, metrics=metrics
+            )
+            stateful = snapshot.changes()
+        finally:
+            snapshot.restore()
+        if stateful:
+            raise CaptureError(stateful_reason(stateful))
         torch.set_rng_state(rng)
         for d, s in zip(devices, cuda_rng, strict=True):
             torch.cuda.set_rng_state(s, d)
         state = [t.detach().clone() for t in captured.state]
-        inputs = [p.detach().clone() for p in captured.params] + state + [t for t in batch]
+        inputs = [p.detach().clone() for p in captured.params] + state + [t.clone() for t in batch]
         try:
             outputs = graph(inputs)
         except Exception as exc:
@@ -577,52 +625,54 @@ def verify(
         _compare(f"train metric {i}", value, ref, rtol, hint)
     # A gradient that is zero up to rounding (a bias before BatchNorm, attention's key bias) is compared on
     # the scale of all gradients, not its own.
-    floor = max((_scale(g) for g in ref_grads.values() if g is not None), default=0.0) * 1e-6
-    for name, grad in zip(captured.param_names, outputs[:num_params], strict=True):
-        ref = ref_grads[name]
+    floor = max((_scale(g) for g in ref_grads if g is not None), default=0.0) * 1e-6
+    for name, grad, ref in zip(captured.param_names, outputs[:num_params], ref_grads, strict=True):
         if ref is None:
             raise CaptureError(
                 f"parameter '{name}' gets no gradient from the loss; the native engine needs every trainable "
                 "parameter to be used (set requires_grad=False on unused ones)"
             )
         _compare(f"the gradient of '{name}'", grad, ref, rtol, hint, floor=floor)
-    for name, value in zip(captured.state_names, state, strict=True):
-        _compare(f"buffer '{name}' after the step", value, ref_state[name], rtol, hint)
+    for name, value, ref in zip(captured.state_names, state, ref_state, strict=True):
+        _compare(f"buffer '{name}' after the step", value, ref, rtol, hint)
 
 
 def _eager_reference(
+    captured: CapturedStep,
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
     batch: Sequence[torch.Tensor],
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Loss, gradients, buffers and metrics after one plain forward/backward of a copy of ``model``."""
-    try:
-        twin = copy.deepcopy(model)
-    except Exception as exc:
-        raise CaptureError(f"the model cannot be deep-copied for the capture check ({exc})") from exc
-    twin.train()
-    for p in twin.parameters():
+) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
+    """Loss, gradients (in ``captured.params`` order), buffers after the step (``captured.state`` order) and
+    metrics of one plain forward/backward of the user's own model; the caller restores the model."""
+    was_training = model.training
+    model.train()
+    for p in captured.params:
         p.grad = None
-    with torch.enable_grad():
-        if last_label:
-            *inputs, labels = batch
-            pred = twin(*inputs)
-            loss = loss_fn(pred, labels)
-        else:
-            pred = twin(*batch)
-            loss = loss_fn(pred)
-        loss.backward()
-    with torch.no_grad():
-        values = [
-            torch.as_tensor(metric(pred, labels) if last_label else metric(pred)).detach().reshape(())
-            for metric in metrics
-        ]
-    grads = {name: p.grad for name, p in twin.named_parameters() if p.requires_grad}
-    state = {name: p.detach() for name, p in twin.named_parameters() if not p.requires_grad}
-    state.update({name: b for name, b in twin.named_buffers()})
+    try:
+        with torch.enable_grad():
+            if last_label:
+                *inputs, labels = batch
+                pred = model(*inputs)
+                loss = loss_fn(pred, labels)
+            else:
+                pred = model(*batch)
+                loss = loss_fn(pred)
+            if not isinstance(loss, torch.Tensor):
+                raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+            loss.backward()
+        with torch.no_grad():
+            values = [
+                torch.as_tensor(metric(pred, labels) if last_label else metric(pred)).detach().reshape(())
+                for metric in metrics
+            ]
+        grads = [p.grad.detach().clone() if p.grad is not None else None for p in captured.params]
+        state = [t.detach().clone() for t in captured.state]
+    finally:
+        model.train(was_training)
     return loss.detach().reshape(()), grads, state, values
 
 

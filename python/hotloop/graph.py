@@ -45,6 +45,7 @@ from torch import nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from ._native import _C
+from .fidelity import python_state_changes, refusal_reason, stateful_reason
 
 WARMUP_STEPS = 3
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +66,7 @@ def graph_refusal(
     *,
     train_data: Sequence[torch.Tensor],
     scheduler: Any | None = None,
+    loss_fn: Callable[..., Any] | None = None,
 ) -> str | None:
     """Why the graph engine cannot run this training step, found without capturing anything; or None.
 
@@ -85,6 +87,9 @@ def graph_refusal(
         )
     if not torch.cuda.is_available():
         return "CUDA is not available"
+    wrapped = refusal_reason(model, loss_fn)  # hooks run once at capture, never at replay
+    if wrapped is not None:
+        return wrapped
     kind = type(optimizer)
     if kind not in _BAKED:
         return (
@@ -147,9 +152,13 @@ def graph_engine(
     """
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    reason = graph_refusal(model, optimizer, train_data=train_data, scheduler=scheduler)
+    reason = graph_refusal(model, optimizer, train_data=train_data, scheduler=scheduler, loss_fn=loss_fn)
     if reason is not None:
         return None, reason
+    first = [t[: min(batch_size, t.shape[0])] for t in train_data]
+    stateful = python_state_changes(model, loss_fn, first, last_label=last_label)
+    if stateful:
+        return None, stateful_reason(stateful)
     try:
         captured = _CapturedStep(
             model,

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import capture
 from ._native import _C
 from .capture import CaptureError
 from .engines import SlowPathWarning
+from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
 
 MetricFn = Callable[..., Any]
 
@@ -70,35 +70,36 @@ def _metrics_of(
     being called, so a failure can say which one it was."""
 
     def metrics_of(tensors: list[torch.Tensor], *batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.no_grad():
-            bound = dict(zip(names, tensors, strict=True))
-            inputs = batch[:-1] if last_label else batch
-            pred = functional_call(model, bound, tuple(inputs))
+        bound = dict(zip(names, tensors, strict=True))
+        inputs = batch[:-1] if last_label else batch
+        # Forward and metrics under one reparametrisation: a metric that reads the model reads graph inputs.
+        with torch.no_grad(), reparametrized(model, bound):
+            pred = model(*inputs)
             args = (pred, batch[-1]) if last_label else (pred,)
-            values = []
-            for key, metric in metrics.items():
-                tracing.append(key)
-                value = metric(*args)
-                if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                    raise CaptureError(
-                        f"metric {key!r} reads tensor values in Python (.item(), float(), bool()) and "
-                        "returns a number, not a tensor"
-                    )
-                if not isinstance(value, torch.Tensor):
-                    raise CaptureError(
-                        f"metric {key!r} returns a {type(value).__name__}, not a tensor (a tensor keeps "
-                        "it on the device)"
-                    )
-                if value.numel() != 1:
-                    raise _NotOneValue(
-                        f"metric {key!r} must return a single-element tensor or a number per batch, got a "
-                        f"tensor of shape {tuple(value.shape)}"
-                    )
-                values.append(value.detach().reshape(()))
-                tracing.pop()
-            return tuple(values)
+            return tuple(_metric_value(key, metric, args, tracing) for key, metric in metrics.items())
 
     return metrics_of
+
+
+def _metric_value(key: str, metric: MetricFn, args: tuple[Any, ...], tracing: list[str]) -> torch.Tensor:
+    tracing.append(key)
+    value = metric(*args)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        raise CaptureError(
+            f"metric {key!r} reads tensor values in Python (.item(), float(), bool()) and returns a number, "
+            "not a tensor"
+        )
+    if not isinstance(value, torch.Tensor):
+        raise CaptureError(
+            f"metric {key!r} returns a {type(value).__name__}, not a tensor (a tensor keeps it on the device)"
+        )
+    if value.numel() != 1:
+        raise _NotOneValue(
+            f"metric {key!r} must return a single-element tensor or a number per batch, got a tensor of "
+            f"shape {tuple(value.shape)}"
+        )
+    tracing.pop()
+    return value.detach().reshape(())
 
 
 def _describe(exc: Exception, metric: str | None) -> str:
@@ -159,15 +160,24 @@ def capture_eval(
 
     ``data`` holds the inputs, then the labels when ``last_label``; example batches are slices of it, laid out
     like the batches the evaluator will slice."""
+    reason = refusal_reason(model)
+    if reason is not None:
+        raise CaptureError(reason)
     names, tensors = model_tensors(model)
     num_samples = data[0].shape[0]
     captured = EvalGraphs(names, tensors)
     for size in batch_sizes(num_samples, batch_size):
         start = 0 if not captured.graphs else num_samples - size
         batch = [tensor.narrow(0, start, size) for tensor in data]
-        gm = trace_eval(model, metrics, batch, last_label=last_label)
+        snapshot = UserState(model)
         try:
-            graph = capture.lower(gm, len(tensors) + len(data))
+            gm = trace_eval(model, metrics, batch, last_label=last_label)
+        finally:
+            snapshot.restore()
+        try:
+            graph = capture.lower(
+                gm, len(tensors) + len(data), protected=dict(zip(names, tensors, strict=True))
+            )
         except CaptureError:
             raise
         except Exception as exc:  # an op or graph shape the lowering does not know: fall back, saying so
@@ -188,7 +198,8 @@ def _verify(
     rtol: float = 1e-4,
 ) -> None:
     """Raise CaptureError unless ``graph`` and an eager forward in eval mode give the same metrics from the
-    same RNG state. Both run on copies of the buffers, so neither touches the model's state or the RNG."""
+    same RNG state, or if the forward changes Python state. The model's tensors, attributes and the RNG are
+    put back afterwards."""
     num_params = sum(1 for _ in model.parameters())
     devices = [d for d in {t.device for t in (*captured.tensors, *batch)} if d.type == "cuda"]
 
@@ -202,9 +213,18 @@ def _verify(
             rng = torch.get_rng_state()
             cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
             inputs = batch[:-1] if last_label else batch
-            pred = functional_call(model, dict(zip(captured.names, tensors(), strict=True)), tuple(inputs))
-            args = (pred, batch[-1]) if last_label else (pred,)
-            expected = [torch.as_tensor(metric(*args)).detach().reshape(()) for metric in metrics.values()]
+            snapshot = UserState(model)
+            try:
+                pred = model(*inputs)
+                args = (pred, batch[-1]) if last_label else (pred,)
+                expected = [
+                    torch.as_tensor(metric(*args)).detach().reshape(()) for metric in metrics.values()
+                ]
+                stateful = snapshot.changes()
+            finally:
+                snapshot.restore()
+            if stateful:
+                raise CaptureError(stateful_reason(stateful, who="the forward"))
             torch.set_rng_state(rng)
             for d, s in zip(devices, cuda_rng, strict=True):
                 torch.cuda.set_rng_state(s, d)

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fidelity import UserState
+
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -116,21 +118,21 @@ def check_first_batch(
     """Run the model and loss once on the first batch, without side effects, so that wrong dtypes or shapes
     fail before training with a message that names the offending tensor.
 
-    Buffers are swapped for copies and the random generators are restored, so the run that follows is
-    exactly the run that would have happened without this check.
+    Buffers, the Python attributes of the model's modules (a call counter, a cache) and the random generators
+    are put back afterwards, so the run that follows is exactly the run that would have happened without
+    this check.
     """
     count = min(batch_size, tensors[0].shape[0])
-    batch = [t[:count] for t in tensors]
+    batch = [t[:count].clone() for t in tensors]  # forward may write into its inputs
     inputs, labels = (batch[:-1], batch[-1]) if last_label else (batch, None)
-    state = {name: p for name, p in model.named_parameters()}
-    state.update({name: b.clone() for name, b in model.named_buffers()})
     devices = [t.device for t in tensors if t.device.type == "cuda"]
+    snapshot = UserState(model, loss_fn)
     with torch.random.fork_rng(devices=devices[:1]), torch.no_grad():
         was_training = model.training
         model.train()
         try:
             try:
-                pred = torch.func.functional_call(model, state, tuple(inputs))
+                pred = model(*inputs)
             except Exception as exc:
                 raise _explain(exc, "model(*inputs)", _input_hint(model, inputs)) from exc
             try:
@@ -143,6 +145,7 @@ def check_first_batch(
                 ) from exc
         finally:
             model.train(was_training)
+            snapshot.restore()
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return a single-value tensor (the batch's mean loss), got {shape}")
