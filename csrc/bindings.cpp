@@ -96,6 +96,7 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &NativeStep::run, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
       .def("bind", &NativeStep::bind, py::arg("params"), py::arg("state"))
       .def("set_accumulate", &NativeStep::set_accumulate, py::arg("accumulate"))
+      .def("set_graphs", &NativeStep::set_graphs, py::arg("graphs"))
       .def_property_readonly("steps", &NativeStep::steps)
       .def_property_readonly("optimizer", &NativeStep::optimizer);
 

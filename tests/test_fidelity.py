@@ -543,3 +543,43 @@ def test_a_global_module_hook_is_refused():
             next(stream)
     finally:
         handle.remove()
+
+
+class Tempered(nn.Module):
+    """Python state read (not written) in forward, annealed by the user between events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp(8, 16, 1)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        return self.body(x) / self.temperature
+
+
+def test_python_state_changed_between_events_is_captured_again():
+    torch.manual_seed(0)
+    data = (torch.randn(48, 8), torch.randn(48, 1))
+    model = Tempered()
+    plain = copy.deepcopy(model)
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(5)
+    for temperature in (1.0, 2.0, 4.0):
+        plain.temperature = temperature
+        plain_loop_losses(
+            data, plain, plain_optimizer, F.mse_loss, batch_size=16, steps=3, generator=generator
+        )
+    generator.manual_seed(5)
+    stream = hotloop.fit(
+        data,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        F.mse_loss,
+        batch_size=16,
+        generator=generator,
+    )
+    for temperature in (1.0, 2.0, 4.0):
+        model.temperature = temperature
+        assert next(stream)["engine"] == "native"
+    stream.close()
+    assert_same_weights(model, plain)

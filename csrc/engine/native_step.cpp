@@ -17,25 +17,37 @@ NativeStep::NativeStep(std::vector<at::Tensor> params, std::vector<at::Tensor> s
       sample_shapes_(std::move(sample_shapes)),
       accumulate_(std::move(accumulate)),
       optimizer_(std::move(optimizer)) {
-  TORCH_CHECK(!graphs_.empty(), "NativeStep needs at least one captured graph");
   TORCH_CHECK(optimizer_ != nullptr, "NativeStep needs an optimizer");
   TORCH_CHECK(accumulate_.size() == params_.size(), "NativeStep: accumulate needs one flag per parameter");
+  check_graphs(graphs_);
+  bind(params_, state_);
+  grads_.resize(params_.size());
+  metrics_.resize(graphs_.front().second->num_outputs() - params_.size() - 1);
+}
+
+void NativeStep::check_graphs(const std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>& graphs) const {
+  TORCH_CHECK(!graphs.empty(), "NativeStep needs at least one captured graph");
   const auto num_params = static_cast<int64_t>(params_.size());
-  const auto num_state = static_cast<int64_t>(state_.size());
-  const auto num_batch = static_cast<int64_t>(sample_shapes_.size());
-  for (const auto& [batch_size, graph] : graphs_) {
+  const auto num_inputs = num_params + static_cast<int64_t>(state_.size() + sample_shapes_.size());
+  for (const auto& [batch_size, graph] : graphs) {
     TORCH_CHECK(graph != nullptr, "NativeStep: the graph for batch size ", batch_size, " is missing");
-    TORCH_CHECK(graph->num_inputs() == num_params + num_state + num_batch, "the graph for batch size ",
-                batch_size, " takes ", graph->num_inputs(), " inputs, expected ", num_params + num_state + num_batch);
+    TORCH_CHECK(graph->num_inputs() == num_inputs, "the graph for batch size ", batch_size, " takes ",
+                graph->num_inputs(), " inputs, expected ", num_inputs);
     TORCH_CHECK(graph->num_outputs() >= num_params + 1, "the graph for batch size ", batch_size, " returns ",
                 graph->num_outputs(), " values, expected at least ", num_params + 1,
                 " (a gradient per parameter, the loss, the train metrics)");
-    TORCH_CHECK(graph->num_outputs() == graphs_.front().second->num_outputs(),
+    TORCH_CHECK(graph->num_outputs() == graphs.front().second->num_outputs(),
                 "the graphs for different batch sizes return different numbers of values");
   }
+}
+
+void NativeStep::set_graphs(std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> graphs) {
+  check_graphs(graphs);
+  TORCH_CHECK(graphs.front().second->num_outputs() == graphs_.front().second->num_outputs(),
+              "NativeStep::set_graphs: the new graphs return ", graphs.front().second->num_outputs(),
+              " values, the old ones ", graphs_.front().second->num_outputs());
+  graphs_ = std::move(graphs);
   bind(params_, state_);
-  grads_.resize(params_.size());
-  metrics_.resize(graphs_.front().second->num_outputs() - num_params - 1);
 }
 
 void NativeStep::bind(std::vector<at::Tensor> params, std::vector<at::Tensor> state) {

@@ -31,6 +31,9 @@ class NativeStep final : public Step {
   at::Tensor run(const std::vector<at::Tensor>& batch) override;
   // Points the graphs at new parameter and state tensors of the same shapes (the model replaced some).
   void bind(std::vector<at::Tensor> params, std::vector<at::Tensor> state);
+  // Replaces the graphs with ones captured again (the same inputs and outputs): Python state that forward
+  // reads changed between windows.
+  void set_graphs(std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> graphs);
   // Which parameters the optimizer does not step (their .grad accumulates); may change between windows.
   void set_accumulate(std::vector<bool> accumulate);
   std::vector<at::Tensor> last_metrics() const override { return metrics_; }
@@ -40,6 +43,7 @@ class NativeStep final : public Step {
 
  private:
   OpGraph& graph_for(int64_t batch_size);
+  void check_graphs(const std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>& graphs) const;
   void check_batch(const std::vector<at::Tensor>& batch) const;
 
   std::vector<at::Tensor> params_;

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._native import _C
+from .fidelity import UserState
 
 ENGINES = ("auto", "graph", "native", "python")
 
@@ -221,16 +222,23 @@ def native_engine(
     handle, reason = optim.native_optimizer(optimizer)
     if handle is None:
         return None, reason
-    try:
-        captured = capture.capture_step(
+
+    def capture_graphs() -> capture.CapturedStep:
+        return capture.capture_step(
             model,
             loss_fn,
             example_batches(train_data, batch_size, drop_last, shuffle),
             last_label=last_label,
             metrics=metrics,
         )
+
+    try:
+        captured = capture_graphs()
     except capture.CaptureError as exc:
         return None, str(exc)
+    # Python state that forward reads (a temperature a stage anneals between events) is baked into the
+    # graphs: when it changes, they are captured again.
+    watched = [UserState(model, loss_fn)]
 
     def not_stepped() -> list[bool]:
         # a plain loop's zero_grad() never reaches these, so their .grad sums over steps
@@ -251,6 +259,17 @@ def native_engine(
     def begin_window(planned_steps: int) -> None:
         if captured.refresh(model):
             step.bind(captured.params, captured.state)
+        changed = watched[0].changes()
+        if changed:
+            try:
+                fresh = capture_graphs()
+            except capture.CaptureError as exc:
+                raise RuntimeError(
+                    f"{', '.join(changed[:3])} changed since the native engine captured the step, and "
+                    f"capturing it again failed: {exc}"
+                ) from exc
+            step.set_graphs(list(fresh.graphs.items()))
+            watched[0] = UserState(model, loss_fn)
         step.set_accumulate(not_stepped())  # param groups may have been added
         schedule: dict[str, Any] = {}
         if scheduler is not None:
