@@ -75,7 +75,7 @@ cuda-build: $(CUDA_VENV)/.ready
 	rm -f $(CUDA_PKG)/hotloop/_C*.so && cp build/cuda/_C*.so build/cuda/_build_info.py $(CUDA_PKG)/hotloop/
 
 cuda-test: cuda-build
-	$(CUDA_VENV)/bin/python -m pytest -q tests/cuda tests/test_graph.py -o pythonpath=$(CUDA_PKG)
+	$(CUDA_VENV)/bin/python -m pytest -q tests/cuda tests/test_cuda_graph.py -o pythonpath=$(CUDA_PKG)
 
 cuda-bench: cuda-build
 	PYTHONPATH=$(CUDA_PKG):. $(CUDA_VENV)/bin/python bench/run.py --device cuda $(CUDA_BENCH_ARGS)

@@ -404,7 +404,7 @@ def test_first_batch_check_leaves_buffers_and_rng_untouched():
     reference = copy.deepcopy(model)
     data = [torch.randn(8, 4), torch.randn(8)]
     rng = torch.get_rng_state()
-    hotloop.validation.check_first_batch(model, lambda p, y: p.mean(), data, batch_size=8, last_label=True)
+    hotloop._checks.check_first_batch(model, lambda p, y: p.mean(), data, batch_size=8, last_label=True)
     assert torch.equal(torch.get_rng_state(), rng)
     assert_same_state(model, reference, rtol=0, atol=0)
 

@@ -182,7 +182,7 @@ class Adam(NativeOptimizer):
 # Graph engine: only in builds with CUDA (WITH_CUDA).
 
 class GraphStep(Step):
-    """A training step captured as CUDA graphs (one per batch size), replayed from C++ (hotloop.graph)."""
+    """A training step captured as CUDA graphs (one per batch size), replayed from C++ (cuda_graph.py)."""
 
     def __init__(
         self,

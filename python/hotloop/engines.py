@@ -124,7 +124,7 @@ def choose_engine(
     graph_reason: str | None = None
     on_cuda = train_data[0].device.type == "cuda"
     if requested == "graph" or (requested == "auto" and on_cuda):
-        from .graph import graph_engine
+        from .cuda_graph import graph_engine
 
         graph, reason = graph_engine(
             model,
@@ -217,14 +217,14 @@ def native_engine(
 
     A per-step ``scheduler`` is run ahead through each window (``optim.schedule_window``) and the native
     optimizer takes its learning rates (and momenta) step by step."""
-    from . import capture, optim
+    from . import op_capture, optim
 
     handle, reason = optim.native_optimizer(optimizer)
     if handle is None:
         return None, reason
 
-    def capture_graphs() -> capture.CapturedStep:
-        return capture.capture_step(
+    def capture_graphs() -> op_capture.CapturedStep:
+        return op_capture.capture_step(
             model,
             loss_fn,
             example_batches(train_data, batch_size, drop_last, shuffle),
@@ -234,7 +234,7 @@ def native_engine(
 
     try:
         captured = capture_graphs()
-    except capture.CaptureError as exc:
+    except op_capture.CaptureError as exc:
         return None, str(exc)
     # Python state that forward reads (a temperature a stage anneals between events) is baked into the
     # graphs: when it changes, they are captured again.
@@ -263,7 +263,7 @@ def native_engine(
         if changed:
             try:
                 fresh = capture_graphs()
-            except capture.CaptureError as exc:
+            except op_capture.CaptureError as exc:
                 raise RuntimeError(
                     f"{', '.join(changed[:3])} changed since the native engine captured the step, and "
                     f"capturing it again failed: {exc}"

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import validation as check
+from . import _checks as check
 
 MetricFn = Callable[..., "torch.Tensor | float"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import validation as check
+from . import _checks as check
 from ._native import _C
 from .engines import ENGINES, choose_engine
 from .events import Event

@@ -1,9 +1,10 @@
 """Native batched evaluation: the model's forward and the metrics traced once per batch size, run over the
 batches by ``_C.Evaluator`` (no Python per batch, metric sums on the device, one sync per pass).
 
-``capture_eval`` traces ``(params and buffers, *batch) -> (metric(model(*inputs), labels), ...)`` in eval mode
-without gradients, with ``make_fx`` on fake tensors as :mod:`hotloop.capture` traces a training step, lowers
-each graph with ``capture.lower`` and checks it against an eager forward on its example batch.
+``capture_eval`` traces ``(params and buffers, *batch) -> (metric(model(*inputs), labels), ...)`` in eval
+mode without gradients, with ``make_fx`` on fake tensors as :mod:`hotloop.op_capture` traces a training
+step, lowers each graph with ``op_capture.lower`` and checks it against an eager forward on its example
+batch.
 :class:`NativeEvaluation` is what :func:`hotloop.evaluate` runs when given a ``batch_size``.
 """
 
@@ -19,11 +20,11 @@ import torch
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import capture
+from . import op_capture
 from ._native import _C
-from .capture import CaptureError
 from .engines import SlowPathWarning
 from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
+from .op_capture import CaptureError
 
 MetricFn = Callable[..., Any]
 
@@ -175,7 +176,7 @@ def capture_eval(
         finally:
             snapshot.restore()
         try:
-            graph = capture.lower(
+            graph = op_capture.lower(
                 gm, len(tensors) + len(data), protected=dict(zip(names, tensors, strict=True))
             )
         except CaptureError:
@@ -240,7 +241,7 @@ def _verify(
         "control flow that tracing froze)"
     )
     for key, value, reference in zip(metrics, actual, expected, strict=True):
-        capture._compare(f"metric {key!r}", value, reference, rtol, hint)
+        op_capture._compare(f"metric {key!r}", value, reference, rtol, hint)
 
 
 def _layouts(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:

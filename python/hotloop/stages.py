@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import validation as check
+from . import _checks as check
 
 Transform = Callable[[Iterable[dict[str, Any]]], Iterable[dict[str, Any]]]
 

@@ -435,7 +435,7 @@ def plain_amp_loop(data, model, optimizer, loss_fn, *, amp, batch_size, steps):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision(amp):
-    from hotloop.graph import graph_engine
+    from hotloop.cuda_graph import graph_engine
 
     data, model = regression(n=96)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from hotloop import capture
-from hotloop.capture import CaptureError
+from hotloop import op_capture as capture
+from hotloop.op_capture import CaptureError
 from torch import nn
 
 

@@ -1,6 +1,6 @@
 """The graph engine's logic that needs no GPU: the engine choice on CPU data and the Dataset's index stream.
 
-The engine itself is tested on a GPU in tests/cuda/test_graph.py."""
+The engine itself is tested on a GPU in tests/cuda/test_graph_cuda.py."""
 
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ def test_graph_engine_on_cpu_data_says_why():
 
 
 def test_auto_on_cpu_never_tries_the_graph_engine(monkeypatch):
-    import hotloop.graph
+    import hotloop.cuda_graph
 
     def refuse(*args, **kwargs):
         raise AssertionError("the graph engine was tried on CPU data")
 
-    monkeypatch.setattr(hotloop.graph, "graph_engine", refuse)
-    monkeypatch.setattr(hotloop.graph, "graph_refusal", refuse)
+    monkeypatch.setattr(hotloop.cuda_graph, "graph_engine", refuse)
+    monkeypatch.setattr(hotloop.cuda_graph, "graph_refusal", refuse)
     data, model, optimizer = regression()
     event = next(hotloop.fit(data, model, optimizer, nn.MSELoss(), batch_size=8))
     assert event["engine"] != "graph"
