@@ -283,7 +283,7 @@ CTRL_C_SCRIPT = textwrap.dedent(
     import sys, threading, time, torch
     from torch import nn
     import hotloop
-    from hotloop.fit import running_window
+    from hotloop._shared import running_window
 
     def announce_when_training():
         while not (running_window() or (0, 0))[0]:

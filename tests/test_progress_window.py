@@ -1,4 +1,4 @@
-"""Progress inside a long native window: fit.running_window() polled from another thread, and the bar."""
+"""Progress inside a long native window: running_window() polled from another thread, and the bar."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import hotloop
 import pytest
 import torch
 from conftest import mlp
-from hotloop.fit import running_window
+from hotloop._shared import running_window
 from torch import nn
 
 

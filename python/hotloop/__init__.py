@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+from ._shared import SlowPathWarning
 from .batching import iter_batches
-from .engines import SlowPathWarning
 from .evaluation import BestModel, best_model, evaluate, validation_loss
 from .events import Event
 from .fit import FitStream, NonFiniteLossError, epoch_stream, fit

@@ -45,6 +45,7 @@ from torch import nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from ._native import _C
+from ._shared import batch_sizes, forward_and_loss, named_tensors
 from .fidelity import python_state_changes, refusal_reason, stateful_reason
 
 WARMUP_STEPS = 3
@@ -183,18 +184,6 @@ def graph_engine(
     return choice, None
 
 
-def batch_sizes(num_samples: int, batch_size: int, drop_last: bool) -> list[int]:
-    """The batch sizes an epoch visits: the full batch and, unless dropped, the smaller last one.
-
-    >>> batch_sizes(10, 4, False), batch_sizes(10, 4, True), batch_sizes(3, 4, False)
-    ([4, 2], [4], [3])
-    """
-    sizes = [min(batch_size, num_samples)]
-    if num_samples > batch_size and num_samples % batch_size and not drop_last:
-        sizes.append(num_samples % batch_size)
-    return sizes
-
-
 class _CapturedStep:
     """The captured graphs, their static tensors, and the window hooks that keep the user's objects true."""
 
@@ -320,14 +309,7 @@ class _CapturedStep:
             else contextlib.nullcontext()
         )
         with autocast:
-            if self.last_label:
-                *inputs, labels = batch
-                pred = self.model(*inputs)
-                loss = self.loss_fn(pred, labels)
-            else:
-                labels = None
-                pred = self.model(*batch)
-                loss = self.loss_fn(pred)
+            pred, labels, loss = forward_and_loss(self.model, self.loss_fn, batch, self.last_label)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("loss_fn must return a single-element tensor")
         values = None
@@ -456,9 +438,7 @@ class _CapturedStep:
 
 def _model_tensors(model: nn.Module, optimizer: Optimizer) -> list[torch.Tensor]:
     """Every tensor a training step may update: parameters, buffers and the optimizer's parameters."""
-    seen: dict[int, torch.Tensor] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        seen.setdefault(id(t), t)
+    seen = {id(t): t for _, t in named_tensors(model)}
     for group in optimizer.param_groups:
         for p in group["params"]:
             seen.setdefault(id(p), p)

@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 from ._native import _C
+from ._shared import SlowPathWarning, example_batches, forward_and_loss
 from .fidelity import UserState
 
 ENGINES = ("auto", "graph", "native", "python")
-
-
-class SlowPathWarning(UserWarning):
-    """hotloop is running a slower engine than ``engine="auto"`` looks for first: the python engine (one
-    Python call per batch) instead of a native one, or on CUDA the native engine instead of the graph one."""
 
 
 @dataclass
@@ -60,14 +56,7 @@ def python_step(
     def step(*batch: torch.Tensor) -> Any:
         autocast = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with autocast:
-            if last_label:
-                *inputs, labels = batch
-                pred = model(*inputs)
-                loss = loss_fn(pred, labels)
-            else:
-                labels = None
-                pred = model(*batch)
-                loss = loss_fn(pred)
+            pred, labels, loss = forward_and_loss(model, loss_fn, batch, last_label)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
         if guard_nonfinite and not math.isfinite(loss.item()):
@@ -184,20 +173,6 @@ def choose_engine(
     if choice.reason is not None:
         warnings.warn(f"hotloop is using the python engine: {choice.reason}", SlowPathWarning, stacklevel=4)
     return choice
-
-
-def example_batches(
-    train_data: Sequence[torch.Tensor], batch_size: int, drop_last: bool, shuffle: bool = True
-) -> list[list[torch.Tensor]]:
-    """A real batch of each size an epoch visits (the full batch and, unless dropped, the smaller last one),
-    laid out as the Dataset lays out its batches: gathered rows of contiguous tensors when shuffling,
-    slices of the tensors themselves when not."""
-    n = train_data[0].shape[0]
-    sizes = [min(batch_size, n)]
-    if n > batch_size and n % batch_size and not drop_last:
-        sizes.append(n % batch_size)
-    sources = [t.contiguous() for t in train_data] if shuffle else list(train_data)
-    return [[t[:size] for t in sources] for size in sizes]
 
 
 def native_engine(

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ._shared import forward_and_loss
+
 # The attributes nn.Module keeps for itself; everything else in a module's __dict__ is the user's.
 _MODULE_MACHINERY = frozenset(nn.Module().__dict__)
 _HOOK_DICTS = {
@@ -265,12 +267,7 @@ def python_state_changes(
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             model.train()
-            inputs = [t.clone() for t in batch]
-            if last_label:
-                *features, labels = inputs
-                loss_fn(model(*features), labels)
-            else:
-                loss_fn(model(*inputs))
+            forward_and_loss(model, loss_fn, [t.clone() for t in batch], last_label)
         return snapshot.changes()
     finally:
         model.train(was_training)

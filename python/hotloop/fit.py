@@ -15,6 +15,7 @@ from torch import nn
 
 from . import _checks as check
 from ._native import _C
+from ._shared import enter_window, leave_window
 from .engines import ENGINES, choose_engine
 from .events import Event
 
@@ -173,21 +174,6 @@ def fit(
 
 
 epoch_stream = fit
-
-# The windows running now, innermost last: (loop, its total_steps at the window's start, planned steps).
-_RUNNING: list[tuple[Any, int, int]] = []
-
-
-def running_window() -> tuple[int, int] | None:
-    """``(steps done, steps planned)`` of the training window running now, or ``None``.
-
-    Windows run with the GIL released, so another thread (a progress bar) can poll this while the
-    thread that called ``next()`` waits for the event.
-    """
-    if not _RUNNING:
-        return None
-    loop, start, planned = _RUNNING[-1]
-    return loop.total_steps - start, planned
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -350,15 +336,14 @@ class _Session:
         planned = self.every or self.dataset.batches_per_epoch - self.dataset.batch_index
         if self.choice.begin_window is not None:
             self.choice.begin_window(planned)
-        entry = (self.loop, self.loop.total_steps, planned)
-        _RUNNING.append(entry)
+        entry = enter_window(self.loop, planned)
         try:
             with _interrupt_at_step_boundary(self.loop):
                 if self.every is None:
                     return self.loop.run(self.dataset.batches_per_epoch, True)
                 return self.loop.run(self.every, False)
         finally:
-            _RUNNING.remove(entry)  # its own entry: another thread's window may have started since
+            leave_window(entry)
             if self.choice.end_window is not None:
                 self.choice.end_window()
 

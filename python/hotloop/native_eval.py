@@ -22,9 +22,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import op_capture
 from ._native import _C
-from .engines import SlowPathWarning
+from ._shared import CaptureError, SlowPathWarning, batch_sizes, named_tensors
 from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
-from .op_capture import CaptureError
 
 MetricFn = Callable[..., Any]
 
@@ -44,20 +43,8 @@ class EvalGraphs:
 
 def model_tensors(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
     """The model's parameters then buffers (tied ones once), with their names: the graphs' first inputs."""
-    names: list[str] = []
-    tensors: list[torch.Tensor] = []
-    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
-        names.append(name)
-        tensors.append(tensor)
-    return names, tensors
-
-
-def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
-    """The batch sizes a pass over ``num_samples`` visits: the full batch, then a smaller last one if any."""
-    sizes = [min(batch_size, num_samples)]
-    if num_samples > batch_size and num_samples % batch_size:
-        sizes.append(num_samples % batch_size)
-    return sizes
+    tensors = named_tensors(model)
+    return [name for name, _ in tensors], [tensor for _, tensor in tensors]
 
 
 def _metrics_of(

@@ -19,11 +19,8 @@ from torch.func import grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ._native import _C
+from ._shared import CaptureError, forward_and_loss, named_tensors
 from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
-
-
-class CaptureError(RuntimeError):
-    """The model and loss cannot be captured as one static ATen graph; the message says why."""
 
 
 @dataclass
@@ -74,18 +71,11 @@ _HIDDEN_MUTATION = ("batch_norm",)
 def _split_parameters(
     model: nn.Module,
 ) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
-    train_names, train, state_names, state = [], [], [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            train_names.append(name)
-            train.append(param)
-        else:
-            state_names.append(name)
-            state.append(param)
-    for name, buffer in model.named_buffers():
-        state_names.append(name)
-        state.append(buffer)
-    return train_names, train, state_names, state
+    parameters = {id(p) for p in model.parameters()}
+    tensors = named_tensors(model)
+    trainable = [(n, t) for n, t in tensors if id(t) in parameters and t.requires_grad]
+    state = [(n, t) for n, t in tensors if not (id(t) in parameters and t.requires_grad)]
+    return [n for n, _ in trainable], [t for _, t in trainable], [n for n, _ in state], [t for _, t in state]
 
 
 def _joint_step(
@@ -104,14 +94,7 @@ def _joint_step(
         # Forward and loss under one reparametrisation: a loss that reads the model's tensors (an L2
         # penalty over model.parameters(), a tied weight) reads graph inputs, so its gradient is kept.
         with reparametrized(model, tensors):
-            if last_label:
-                *inputs, labels = batch
-                pred = model(*inputs)
-                loss = loss_fn(pred, labels)
-            else:
-                labels = None
-                pred = model(*batch)
-                loss = loss_fn(pred)
+            pred, labels, loss = forward_and_loss(model, loss_fn, batch, last_label)
         if not isinstance(loss, torch.Tensor):
             raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
         if loss.numel() != 1:
@@ -654,13 +637,7 @@ def _eager_reference(
         p.grad = None
     try:
         with torch.enable_grad():
-            if last_label:
-                *inputs, labels = batch
-                pred = model(*inputs)
-                loss = loss_fn(pred, labels)
-            else:
-                pred = model(*batch)
-                loss = loss_fn(pred)
+            pred, labels, loss = forward_and_loss(model, loss_fn, batch, last_label)
             if not isinstance(loss, torch.Tensor):
                 raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
             loss.backward()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from . import _checks as check
+from ._shared import running_window
 
 Transform = Callable[[Iterable[dict[str, Any]]], Iterable[dict[str, Any]]]
 
@@ -382,7 +383,7 @@ def progress(
 
 
 class _WindowWatcher:
-    """A thread that mirrors the running training window (``fit.running_window``) in a second bar."""
+    """A thread that mirrors the running training window (``running_window``) in a second bar."""
 
     def __init__(self, tqdm: Any, stream: Any, interval: float) -> None:
         self._tqdm, self._stream, self._interval = tqdm, stream, interval
@@ -392,8 +393,6 @@ class _WindowWatcher:
         self._thread.start()
 
     def _watch(self) -> None:
-        from .fit import running_window
-
         while not self._done.wait(self._interval):
             window = running_window()
             if window is None:
