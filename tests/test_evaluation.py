@@ -9,7 +9,8 @@ import hotloop.evaluation as evaluation
 import pytest
 import torch
 from hotloop import SlowPathWarning, augment, best_model, evaluate, fit, pipe, take, tap, validation_loss
-from hotloop.evaluation import BestModel, accuracy
+from hotloop.evaluation import BestModel
+from hotloop.metrics import accuracy
 from torch import nn
 
 

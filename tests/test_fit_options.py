@@ -8,7 +8,7 @@ import hotloop
 import pytest
 import torch
 from conftest import assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses
-from hotloop.evaluation import accuracy
+from hotloop.metrics import accuracy
 from torch import nn
 
 ENGINES = ["python", "native"]
@@ -73,9 +73,9 @@ def test_metric_functions_are_accepted(engine):
 @pytest.mark.parametrize(
     ("metrics", "error", "message"),
     [
-        ({"acc": "f1"}, ValueError, "unknown metric 'f1'"),
+        ({"acc": "f1"}, ValueError, "unknown metric name 'f1'"),
         (["accuracy"], TypeError, "metrics must be a dict"),
-        ({"acc": 3}, TypeError, "must be a metric name or a function"),
+        ({"acc": 3}, TypeError, "must be callable or a metric name"),
     ],
 )
 def test_bad_metrics_are_rejected(metrics, error, message):
@@ -238,7 +238,7 @@ def test_nonfinite_continue_trains_on_like_a_plain_loop(engine):
 def test_builtin_label_metrics_need_labels():
     model = mlp(6, 4, 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="last_label=False gives the metrics no labels"):
+    with pytest.raises(ValueError, match="compares predictions with labels, so it needs labels"):
         next(
             hotloop.fit(
                 (torch.randn(8, 6),),

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hotloop import SlowPathWarning, augment, evaluate, fit, pipe, take, validation_loss
 from hotloop._native import _C
+from hotloop.metrics import accuracy
 from hotloop.native_eval import batch_sizes, capture_eval
 from torch import nn
 
@@ -277,7 +278,7 @@ def test_untraceable_metrics_fall_back_with_one_warning(metric: Any, reason: str
     assert len(slow) == 1
     assert "'m'" in str(slow[0].message) and reason in str(slow[0].message)
     model.eval()
-    expected = evaluation.evaluate_batched(model, [x], y, {"m": metric, "acc": evaluation.accuracy}, 10)
+    expected = evaluation.evaluate_batched(model, [x], y, {"m": metric, "acc": accuracy}, 10)
     assert all(result == pytest.approx(expected, abs=1e-6) for result in results)
 
 
@@ -296,7 +297,7 @@ def test_untraceable_forward_falls_back() -> None:
     with pytest.warns(SlowPathWarning, match="the model's forward .*data-dependent"):
         got = evaluate((x, y), metrics={"acc": "accuracy"}, batch_size=7)(event_for(model))
     model.eval()
-    assert got == pytest.approx(evaluation.evaluate_batched(model, [x], y, {"acc": evaluation.accuracy}, 7))
+    assert got == pytest.approx(evaluation.evaluate_batched(model, [x], y, {"acc": accuracy}, 7))
 
 
 def test_metric_with_several_values_per_batch_is_an_error() -> None:
@@ -335,7 +336,7 @@ def test_ctrl_c_stops_a_long_pass_promptly() -> None:
         pytest.skip("signals reach the main thread only")
     model = nn.Linear(2, 2).eval()
     x, y = torch.randn(400_000, 2), torch.randint(0, 2, (400_000,))  # batches of 1: seconds per pass
-    captured = capture_eval(model, {"acc": evaluation.accuracy}, [x, y], last_label=True, batch_size=1)
+    captured = capture_eval(model, {"acc": accuracy}, [x, y], last_label=True, batch_size=1)
     evaluator = _C.Evaluator(sorted(captured.graphs.items()), captured.tensors, [x, y], 1)
     timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
     start = time.perf_counter()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .fidelity import UserState
+from .metrics import resolve_metrics
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
@@ -200,33 +201,11 @@ def _label_hint(loss_fn: Callable[..., Any], pred: Any, labels: torch.Tensor | N
 
 def check_metrics(metrics: Any, *, last_label: bool = True) -> dict[str, Callable[..., Any]]:
     """Train metrics as ``{event_key: fn}``; names resolve to the built-in metrics."""
-    from .evaluation import METRICS
-
     if metrics is None:
         return {}
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a dict of event key -> metric, got {type(metrics).__name__}")
-    resolved: dict[str, Callable[..., Any]] = {}
-    for key, metric in metrics.items():
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"metrics keys must be non-empty strings, got {key!r}")
-        if isinstance(metric, str):
-            if metric not in METRICS:
-                names = ", ".join(repr(n) for n in METRICS)
-                raise ValueError(f"metrics[{key!r}]: unknown metric {metric!r}; built-in metrics are {names}")
-            if not last_label:
-                raise ValueError(
-                    f"metrics[{key!r}]: the built-in {metric!r} compares predictions with labels, but "
-                    "last_label=False gives the metrics no labels; pass a function metric(pred) instead"
-                )
-            resolved[key] = METRICS[metric]
-        elif callable(metric):
-            resolved[key] = metric
-        else:
-            raise TypeError(
-                f"metrics[{key!r}] must be a metric name or a function, got {type(metric).__name__}"
-            )
-    return resolved
+    return resolve_metrics(metrics, last_label=last_label)
 
 
 def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -17,47 +17,7 @@ import torch
 from torch import nn
 
 from . import _checks as check
-
-MetricFn = Callable[..., "torch.Tensor | float"]
-
-
-def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The fraction of correct predictions, as a 0-dim float64 tensor on ``pred``'s device (no sync).
-
-    - Several outputs per sample (``pred`` of shape ``(..., C)`` with ``C > 1``): the class is
-      ``pred.argmax(-1)`` and ``labels`` holds class indices of shape ``pred.shape[:-1]``.
-    - One output per sample (``pred`` of shape ``(N,)`` or ``(N, 1)``): ``pred`` is a logit and the
-      class is ``1`` where ``pred > 0`` (as for ``BCEWithLogitsLoss``); ``labels`` holds ``0``/``1``
-      (any dtype; nonzero counts as ``1``) with one label per sample.
-
-    This is the metric named ``"accuracy"`` in :func:`evaluate`.
-
-    Example:
-        >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, 1]))
-        tensor(0.6667, dtype=torch.float64)
-        >>> accuracy(torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])).item()
-        0.75
-    """
-    if pred.dim() >= 2 and pred.shape[-1] > 1:
-        if pred.shape[:-1] != labels.shape:
-            raise ValueError(
-                f"accuracy: labels of shape {tuple(labels.shape)} do not match predictions of shape "
-                f"{tuple(pred.shape)}; expected class indices of shape {tuple(pred.shape[:-1])}"
-            )
-        hits = pred.argmax(dim=-1) == labels
-    else:
-        if pred.numel() != labels.numel():
-            raise ValueError(
-                f"accuracy: {labels.numel()} labels for {pred.numel()} single-output predictions "
-                f"(shapes {tuple(labels.shape)} and {tuple(pred.shape)})"
-            )
-        hits = (pred.reshape(-1) > 0) == (labels.reshape(-1) != 0)
-    # float64 keeps k/n exact enough that batched and full-batch accuracies print alike (mps has no float64)
-    return hits.to(torch.float32 if hits.device.type == "mps" else torch.float64).mean()
-
-
-METRICS: dict[str, MetricFn] = {"accuracy": accuracy}
-"""The metrics :func:`evaluate` accepts by name."""
+from .metrics import MetricFn, resolve_metrics
 
 
 def _check_val_data(val_data: Any, last_label: bool) -> list[torch.Tensor]:
@@ -191,23 +151,7 @@ def evaluate(
         ) from error
     if not named:
         raise ValueError("metrics must contain at least one metric.")
-    resolved: dict[str, MetricFn] = {}
-    for key, metric in named.items():
-        if not isinstance(key, str):
-            raise TypeError(f"metrics keys must be str event keys, got {type(key).__name__}")
-        if isinstance(metric, str):
-            if metric not in METRICS:
-                known = ", ".join(repr(name) for name in METRICS)
-                raise ValueError(f"metrics[{key!r}]: unknown metric name {metric!r}; known names: {known}")
-            if not last_label:
-                raise ValueError(f"metrics[{key!r}]: {metric!r} needs labels, so it requires last_label=True")
-            resolved[key] = METRICS[metric]
-        elif callable(metric):
-            resolved[key] = metric
-        else:
-            raise TypeError(
-                f"metrics[{key!r}] must be callable or a metric name, got {type(metric).__name__}"
-            )
+    resolved = resolve_metrics(named, last_label=last_label)
     _check_batch_size(batch_size, tensors)
     inputs = tensors[:-1] if last_label else tensors
     labels = tensors[-1] if last_label else None
