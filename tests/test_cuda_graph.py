@@ -31,13 +31,13 @@ def test_graph_engine_on_cpu_data_says_why():
 
 
 def test_auto_on_cpu_never_tries_the_graph_engine(monkeypatch):
-    import hotloop.cuda_graph
+    from hotloop.engines.cuda_graph import CudaGraphEngine
 
     def refuse(*args, **kwargs):
         raise AssertionError("the graph engine was tried on CPU data")
 
-    monkeypatch.setattr(hotloop.cuda_graph, "graph_engine", refuse)
-    monkeypatch.setattr(hotloop.cuda_graph, "graph_refusal", refuse)
+    monkeypatch.setattr(CudaGraphEngine, "build", refuse)
+    monkeypatch.setattr(CudaGraphEngine, "refuse", refuse)
     data, model, optimizer = regression()
     event = next(hotloop.fit(data, model, optimizer, nn.MSELoss(), batch_size=8))
     assert event["engine"] != "graph"

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _checks as check
 from ._native import _C
 from ._shared import enter_window, leave_window
-from .engines import ENGINES, choose_engine
+from .engines import choose_engine
 from .events import Event
+from .plan import STATE_VERSION, Plan, make_plan
 
 
 class FitStream(Iterator[Event]):
@@ -170,7 +170,7 @@ def fit(
         amp=amp,
         resume=resume,
     )
-    return FitStream(lambda: _Session(train_data, model, optimizer, loss_fn, **options))
+    return FitStream(lambda: _Session(make_plan(train_data, model, optimizer, loss_fn, **options)))
 
 
 epoch_stream = fit
@@ -187,145 +187,57 @@ class NonFiniteLossError(FloatingPointError):
         self.step = step
 
 
-_STATE_VERSION = 1
-
-
 class _Session:
-    """One validated training run: the native loop, its dataset and the counters reported in events."""
+    """One planned training run: the native loop, its dataset and the counters reported in events."""
 
-    def __init__(
-        self,
-        train_data: Sequence[torch.Tensor],
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[..., torch.Tensor],
-        *,
-        batch_size: int,
-        shuffle: bool,
-        last_label: bool,
-        generator: torch.Generator | None,
-        extra: Mapping[str, Any] | None,
-        step_offset: int,
-        every: int | None,
-        drop_last: bool,
-        engine: str,
-        device: str | torch.device | None,
-        metrics: Mapping[str, str | Callable[..., Any]] | None,
-        scheduler: Any | None,
-        scheduler_every: str,
-        on_nonfinite: str,
-        amp: str | None,
-        resume: Mapping[str, Any] | None,
-    ) -> None:
-        check.check_int("batch_size", batch_size, minimum=1)
-        check.check_bool("shuffle", shuffle)
-        check.check_bool("last_label", last_label)
-        check.check_bool("drop_last", drop_last)
-        check.check_int("step_offset", step_offset)
-        if every is not None:
-            check.check_int("every", every, minimum=1)
-        check.check_choice("engine", engine, ENGINES)
-        check.check_choice("scheduler_every", scheduler_every, ("step", "event"))
-        check.check_choice("on_nonfinite", on_nonfinite, ("raise", "stop", "continue"))
-        check.check_choice("amp", amp, (None, "bf16", "fp16"))
-        metric_fns = check.check_metrics(metrics, last_label=last_label)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("model has no trainable parameters (none with requires_grad=True)")
-        check.check_optimizer(optimizer, model)
-        check.check_callable("loss_fn", loss_fn)
-        check.check_scheduler(scheduler, optimizer)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if extra is not None and not isinstance(extra, Mapping):
-            raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
-        if resume is not None:
-            _check_resume_state(resume)
-        tensors = check.check_tensors("train_data", train_data, last_label=last_label)
-        target = check.model_device(model)
-        if device is not None:
-            wanted = torch.device(device)
-            if wanted.type != target.type or (wanted.index is not None and wanted != target):
-                raise ValueError(
-                    f"device={wanted} differs from the model's device {target}; move the model first"
-                )
-            tensors = check.place_on_device(tensors, target)
-        if tensors[0].device != target:
-            raise ValueError(
-                f"train_data is on {tensors[0].device} but the model is on {target}; move the data "
-                f"(or pass device={str(target)!r} to copy it once)"
-            )
-        if generator is not None and generator.device.type != target.type:
-            raise ValueError(f"generator is on {generator.device} but train_data is on {target}")
-        if drop_last and batch_size > tensors[0].shape[0]:
-            raise ValueError(
-                f"drop_last=True with batch_size={batch_size} larger than the {tensors[0].shape[0]} samples "
-                "would leave no batch"
-            )
-
-        check.check_first_batch(model, loss_fn, tensors, batch_size=batch_size, last_label=last_label)
-
-        self.model, self.optimizer, self.generator = model, optimizer, generator
-        self.every = every
-        self.batching = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last}
-        self.extra = dict(extra or {})
-        self.metric_keys = list(metric_fns)
-        self.scheduler = scheduler
-        self.scheduler_every = scheduler_every
-        self.on_nonfinite = on_nonfinite
-        self.step = step_offset
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.model, self.optimizer, self.generator = plan.model, plan.optimizer, plan.generator
+        self.batching = {"batch_size": plan.batch_size, "shuffle": plan.shuffle, "drop_last": plan.drop_last}
+        self.step = plan.step_offset
         self.updates_before = 0
-        self.choice = choose_engine(
-            engine,
-            model,
-            optimizer,
-            loss_fn,
-            last_label=last_label,
-            train_data=tensors,
-            batch_size=batch_size,
-            drop_last=drop_last,
-            shuffle=shuffle,
-            metrics=list(metric_fns.values()),
-            scheduler=scheduler if scheduler_every == "step" else None,
-            guard_nonfinite=on_nonfinite != "continue",
-            amp=amp,
-        )
+        self.choice = choose_engine(plan)
         self.dataset = _C.Dataset(
-            tensors, batch_size, shuffle, drop_last, generator, self.choice.reuse_buffers
+            list(plan.train_data),
+            plan.batch_size,
+            plan.shuffle,
+            plan.drop_last,
+            plan.generator,
+            self.choice.reuse_buffers,
         )
         self.loop = _C.Loop(self.dataset, self.choice.step)
-        self.loop.set_guard_nonfinite(on_nonfinite != "continue")
-        if resume is not None:
-            self._restore(resume)
+        self.loop.set_guard_nonfinite(plan.guard_nonfinite)
+        if plan.resume is not None:
+            self._restore(plan.resume)
 
     def events(self) -> Iterator[Event]:
+        plan = self.plan
         while True:
             self.model.train()
             started = time.perf_counter()
             stats = self._run_window()
             elapsed = time.perf_counter() - started
             self.step += 1
-            if self.scheduler is not None and self.scheduler_every == "event":
-                self.scheduler.step()
+            if plan.scheduler is not None and plan.scheduler_every == "event":
+                plan.scheduler.step()
             lr = self.optimizer.param_groups[0].get("lr")
             event = Event(
                 model=self.model,
                 step=self.step,
                 train_loss=stats.loss_sum / stats.samples if stats.samples else float("nan"),
                 train_time_sec=elapsed,
-                **self.extra,
+                **plan.extra,
                 epoch=self.dataset.epochs_completed,
                 updates=self.updates_before + self.loop.total_steps,
                 samples_per_sec=stats.samples / elapsed if elapsed > 0 else float("inf"),
                 engine=self.choice.name,
                 lr=float(lr) if isinstance(lr, (int, float)) else lr,
             )
-            for key, total in zip(self.metric_keys, stats.metric_sums, strict=True):
+            for key, total in zip(plan.metrics, stats.metric_sums, strict=True):
                 event[key] = total / stats.samples if stats.samples else float("nan")
             if stats.nonfinite_step >= 0:
                 bad_step = self.updates_before + stats.nonfinite_step
-                if self.on_nonfinite == "raise":
+                if plan.on_nonfinite == "raise":
                     raise NonFiniteLossError(bad_step, self.updates_before + self.loop.total_steps)
                 event["nonfinite_step"] = bad_step
                 yield event
@@ -333,15 +245,16 @@ class _Session:
             yield event
 
     def _run_window(self) -> Any:
-        planned = self.every or self.dataset.batches_per_epoch - self.dataset.batch_index
+        every = self.plan.every
+        planned = every or self.dataset.batches_per_epoch - self.dataset.batch_index
         if self.choice.begin_window is not None:
             self.choice.begin_window(planned)
         entry = enter_window(self.loop, planned)
         try:
             with _interrupt_at_step_boundary(self.loop):
-                if self.every is None:
+                if every is None:
                     return self.loop.run(self.dataset.batches_per_epoch, True)
-                return self.loop.run(self.every, False)
+                return self.loop.run(every, False)
         finally:
             leave_window(entry)
             if self.choice.end_window is not None:
@@ -355,7 +268,7 @@ class _Session:
             raise RuntimeError("state_dict() is not available after the stream was closed")
         order = self.dataset.epoch_order
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             # Copies, not the live tensors: the snapshot must not move on when training continues.
             "model": copy.deepcopy(self.model.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
@@ -367,7 +280,7 @@ class _Session:
             "batching": dict(self.batching),
             "num_samples": self.dataset.num_samples,
             "generator": self.generator.get_state() if self.generator is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scheduler": self.plan.scheduler.state_dict() if self.plan.scheduler is not None else None,
             "rng": _rng_states(),
         }
 
@@ -386,14 +299,15 @@ class _Session:
                 )
         if (state["generator"] is None) != (self.generator is None):
             raise ValueError("resume state and this fit() call disagree on whether a generator is given")
-        if (state["scheduler"] is None) != (self.scheduler is None):
+        scheduler = self.plan.scheduler
+        if (state["scheduler"] is None) != (scheduler is None):
             raise ValueError("resume state and this fit() call disagree on whether a scheduler is given")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.generator is not None:
             self.generator.set_state(state["generator"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(state["rng"])
         order = state["epoch_order"]
         self.dataset.restore(
@@ -403,28 +317,6 @@ class _Session:
         )
         self.step = state["step"]
         self.updates_before = state["updates"]
-
-
-def _check_resume_state(state: Any) -> None:
-    required = {
-        "version",
-        "model",
-        "optimizer",
-        "step",
-        "updates",
-        "epochs_completed",
-        "batch_index",
-        "epoch_order",
-        "num_samples",
-        "generator",
-        "rng",
-        "scheduler",
-        "batching",
-    }
-    if not isinstance(state, Mapping) or not required <= set(state):
-        raise TypeError("resume must be the dict returned by FitStream.state_dict()")
-    if state["version"] != _STATE_VERSION:
-        raise ValueError(f"resume state has version {state['version']}, this hotloop reads {_STATE_VERSION}")
 
 
 def _rng_states() -> dict[str, Any]:

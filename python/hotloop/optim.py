@@ -42,7 +42,7 @@ def native_optimizer(
     """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    reason = _unsupported_reason(optimizer)
+    reason = native_refusal(optimizer)
     if reason is not None:
         return None, reason
     handle = _C.SGD(fused=fused) if type(optimizer) is SGD else _C.Adam(fused=fused)
@@ -71,7 +71,7 @@ def configure_window(
     beta1. ``schedule_window`` computes both from a scheduler. A step beyond a given schedule fails
     before changing anything.
     """
-    reason = _unsupported_reason(optimizer)
+    reason = native_refusal(optimizer)
     if reason is not None:
         raise RuntimeError(f"the optimizer can no longer be stepped natively: {reason}")
     groups = optimizer.param_groups
@@ -243,9 +243,9 @@ def _configure_adam(g, group, params, state, created) -> None:
         if len(param_state) == 0:
             # as Adam._init_group does on a parameter's first step
             if group["capturable"] or group["fused"]:
-                step = torch.zeros((), dtype=_scalar_dtype(group["fused"]), device=p.device)
+                step = torch.zeros((), dtype=scalar_dtype(group["fused"]), device=p.device)
             else:
-                step = torch.tensor(0.0, dtype=_scalar_dtype(False))
+                step = torch.tensor(0.0, dtype=scalar_dtype(False))
             param_state["step"] = step
             param_state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             param_state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -263,14 +263,15 @@ def _configure_adam(g, group, params, state, created) -> None:
     g.max_exp_avg_sqs = max_exp_avg_sqs
 
 
-def _scalar_dtype(fused) -> torch.dtype:
+def scalar_dtype(fused) -> torch.dtype:
     # torch.optim.optimizer._get_scalar_dtype
     if fused:
         return torch.float32
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _unsupported_reason(optimizer: Optimizer) -> str | None:
+def native_refusal(optimizer: Optimizer) -> str | None:
+    """Why ``optimizer`` cannot be stepped natively (its kind, hooks, options or state), or None."""
     kind = type(optimizer)
     name = kind.__name__
     if kind not in NATIVE_OPTIMIZERS:

@@ -435,23 +435,16 @@ def plain_amp_loop(data, model, optimizer, loss_fn, *, amp, batch_size, steps):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision(amp):
-    from hotloop.cuda_graph import graph_engine
+    from hotloop.engines.cuda_graph import CudaGraphEngine
+    from hotloop.plan import make_plan
 
     data, model = regression(n=96)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     twin = copy.deepcopy(model)
     twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2)
-    choice, reason = graph_engine(
-        model,
-        optimizer,
-        nn.MSELoss(),
-        last_label=True,
-        train_data=data,
-        batch_size=32,
-        drop_last=False,
-        amp=amp,
-    )
-    assert choice is not None, reason
+    plan = make_plan(data, model, optimizer, nn.MSELoss(), batch_size=32, amp=amp)
+    assert CudaGraphEngine().refuse(plan) is None
+    choice = CudaGraphEngine().build(plan)
     dataset = _C.Dataset(list(data), 32, True, False, torch.Generator(device=DEVICE).manual_seed(7), False)
     loop = _C.Loop(dataset, choice.step)
     losses = []

@@ -44,9 +44,12 @@ import torch
 from torch import nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
-from ._native import _C
-from ._shared import batch_sizes, forward_and_loss, named_tensors
-from .fidelity import python_state_changes, refusal_reason, stateful_reason
+from .._native import _C
+from .._shared import CaptureError, batch_sizes, forward_and_loss, named_tensors
+from ..fidelity import python_state_changes, refusal_reason, stateful_reason
+from ..optim import native_refusal, scalar_dtype
+from ..plan import Plan
+from .base import EngineRun
 
 WARMUP_STEPS = 3
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,9 +100,7 @@ def graph_refusal(
             f"{kind.__name__} cannot be captured (captured optimizers: torch.optim.SGD, Adam and AdamW "
             "themselves, whose fused kernels can skip a step on the device)"
         )
-    from .optim import _unsupported_reason
-
-    reason = _unsupported_reason(optimizer)
+    reason = native_refusal(optimizer)
     if reason is not None:
         return reason
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -131,82 +132,53 @@ def graph_refusal(
     return None
 
 
-def graph_engine(
-    model: nn.Module,
-    optimizer: Optimizer,
-    loss_fn: Callable[..., torch.Tensor],
-    *,
-    last_label: bool,
-    train_data: Sequence[torch.Tensor],
-    batch_size: int,
-    drop_last: bool,
-    metrics: Sequence[Callable[..., Any]] = (),
-    scheduler: Any | None = None,
-    guard_nonfinite: bool = False,
-    warmup_steps: int = WARMUP_STEPS,
-    amp: str | None = None,
-) -> tuple[Any, str | None]:
-    """The graph engine as an ``EngineChoice``, or ``(None, reason)``: a refusal or the capture error.
+class CudaGraphEngine:
+    """The whole step replayed as CUDA graphs; only on CUDA data (``engine="auto"`` tries it first there)."""
 
-    A failed capture leaves the model, the optimizer and the random generators as they were. ``amp``:
-    ``None``, ``"bf16"`` or ``"fp16"`` (autocast, plus loss scaling for fp16).
-    """
-    if amp is not None and amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    reason = graph_refusal(model, optimizer, train_data=train_data, scheduler=scheduler, loss_fn=loss_fn)
-    if reason is not None:
-        return None, reason
-    first = [t[: min(batch_size, t.shape[0])] for t in train_data]
-    stateful = python_state_changes(model, loss_fn, first, last_label=last_label)
-    if stateful:
-        return None, stateful_reason(stateful)
-    try:
-        captured = _CapturedStep(
-            model,
-            optimizer,
-            loss_fn,
-            last_label=last_label,
-            train_data=train_data,
-            batch_size=batch_size,
-            drop_last=drop_last,
-            metrics=metrics,
-            guard_nonfinite=guard_nonfinite,
-            warmup_steps=warmup_steps,
-            amp=amp,
+    name = "graph"
+    auto_devices = ("cuda",)
+
+    def __init__(self, warmup_steps: int = WARMUP_STEPS) -> None:
+        self.warmup_steps = warmup_steps
+
+    def refuse(self, plan: Plan) -> str | None:
+        return graph_refusal(
+            plan.model,
+            plan.optimizer,
+            train_data=plan.train_data,
+            scheduler=plan.step_scheduler,
+            loss_fn=plan.loss_fn,
         )
-    except Exception as exc:  # whatever the model did under capture: the caller falls back and says why
-        return None, f"capturing the step into a CUDA graph failed: {type(exc).__name__}: {exc}"
-    from .engines import EngineChoice
 
-    choice = EngineChoice(
-        "graph", captured.step, begin_window=captured.begin_window, end_window=captured.end_window
-    )
-    return choice, None
+    def build(self, plan: Plan) -> EngineRun:
+        """Captures the step; a failed capture leaves the model, the optimizer and the random generators as
+        they were and raises CaptureError with the reason."""
+        first = [t[: min(plan.batch_size, t.shape[0])] for t in plan.train_data]
+        stateful = python_state_changes(plan.model, plan.loss_fn, first, last_label=plan.last_label)
+        if stateful:
+            raise CaptureError(stateful_reason(stateful))
+        try:
+            captured = _CapturedStep(plan, self.warmup_steps)
+        except Exception as exc:  # whatever the model did under capture: the caller falls back and says why
+            raise CaptureError(
+                f"capturing the step into a CUDA graph failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return EngineRun(
+            self.name, captured.step, begin_window=captured.begin_window, end_window=captured.end_window
+        )
 
 
 class _CapturedStep:
     """The captured graphs, their static tensors, and the window hooks that keep the user's objects true."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: Optimizer,
-        loss_fn: Callable[..., torch.Tensor],
-        *,
-        last_label: bool,
-        train_data: Sequence[torch.Tensor],
-        batch_size: int,
-        drop_last: bool,
-        metrics: Sequence[Callable[..., Any]],
-        guard_nonfinite: bool,
-        warmup_steps: int,
-        amp: str | None = None,
-    ) -> None:
+    def __init__(self, plan: Plan, warmup_steps: int) -> None:
+        model, optimizer, loss_fn, train_data = plan.model, plan.optimizer, plan.loss_fn, plan.train_data
+        guard_nonfinite, amp = plan.guard_nonfinite, plan.amp
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.last_label, self.metrics, self.guard = last_label, list(metrics), guard_nonfinite
+        self.last_label, self.metrics, self.guard = plan.last_label, plan.metric_fns, guard_nonfinite
         device = self.device = train_data[0].device
         self.sources = [t.contiguous() for t in train_data]
-        sizes = batch_sizes(train_data[0].shape[0], batch_size, drop_last)
+        sizes = batch_sizes(train_data[0].shape[0], plan.batch_size, plan.drop_last)
         # Warm-ups gather the first samples; C++ overwrites the index buffers before every replay.
         self.index = {size: torch.arange(size, device=device) for size in sizes}
         self.batches = {
@@ -449,9 +421,7 @@ def _step_form(group: dict[str, Any]) -> torch.dtype | None:
     """The dtype of the CPU step counts the user's Adam keeps in this group; None: it keeps device ones."""
     if "betas" not in group or group.get("capturable") or group.get("fused"):
         return None
-    from .optim import _scalar_dtype
-
-    return _scalar_dtype(False)
+    return scalar_dtype(False)
 
 
 def _to_fused_steps(optimizer: Optimizer, params: Sequence[torch.Tensor], device: torch.device) -> None:

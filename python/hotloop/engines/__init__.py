@@ -1,0 +1,45 @@
+"""The engines, fastest first, and the choice between them: a loop over one ordered list."""
+
+from __future__ import annotations
+
+import warnings
+
+from .._shared import CaptureError, SlowPathWarning
+from ..plan import Plan
+from .base import Engine, EngineRun
+from .cuda_graph import CudaGraphEngine
+from .native import NativeEngine
+from .python import PythonEngine
+
+ENGINES: tuple[Engine, ...] = (CudaGraphEngine(), NativeEngine(), PythonEngine())
+
+__all__ = ["ENGINES", "Engine", "EngineRun", "choose_engine"]
+
+
+def choose_engine(plan: Plan) -> EngineRun:
+    """The fastest engine that can run ``plan`` (``engine="auto"``: those meant for the data's device, in
+    order), or the one asked for, which raises its reason when it cannot. A fallback warns once, with the
+    reasons of every faster engine tried."""
+    wanted = [
+        e
+        for e in ENGINES
+        if e.name == plan.engine or (plan.engine == "auto" and plan.device.type in e.auto_devices)
+    ]
+    reasons: list[str] = []
+    for engine in wanted:
+        reason = engine.refuse(plan)
+        if reason is None:
+            try:
+                run = engine.build(plan)
+            except CaptureError as exc:
+                reason = str(exc)
+            else:
+                if reasons:
+                    run.reason = "; ".join(reasons)
+                    message = f"hotloop is using the {run.name} engine: {run.reason}"
+                    warnings.warn(message, SlowPathWarning, stacklevel=4)
+                return run
+        if plan.engine == engine.name:
+            raise RuntimeError(f"engine={engine.name!r} cannot run this training step: {reason}")
+        reasons.append(f"the {engine.name} engine cannot run this training step: {reason}")
+    raise AssertionError("the python engine always runs")  # pragma: no cover

@@ -1,0 +1,102 @@
+"""The native engine: the joint ATen graph (op_capture) run in C++, then a native optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .. import op_capture, optim
+from .._native import _C
+from .._shared import example_batches
+from ..fidelity import UserState
+from ..plan import Plan
+from .base import EngineRun
+
+
+class NativeEngine:
+    name = "native"
+    auto_devices = ("cpu", "cuda")
+
+    def refuse(self, plan: Plan) -> str | None:
+        if plan.amp is not None:
+            return "it does not run mixed precision (amp)"
+        return optim.native_refusal(plan.optimizer)
+
+    def build(self, plan: Plan) -> EngineRun:
+        """Captures the step (raising CaptureError with the reason); a per-step scheduler is run ahead
+        through each window (``optim.schedule_window``) and the native optimizer takes its learning rates
+        (and momenta) step by step."""
+        handle, reason = optim.native_optimizer(plan.optimizer)
+        if handle is None:
+            raise op_capture.CaptureError(reason)
+        native = _NativeWindows(plan, handle)
+        return EngineRun(
+            self.name,
+            native.step,
+            begin_window=native.begin_window,
+            end_window=native.end_window,
+            reuse_buffers=True,  # NativeStep keeps no batch past its run
+        )
+
+
+class _NativeWindows:
+    """The captured step and what keeps the user's objects true at every window boundary."""
+
+    def __init__(self, plan: Plan, handle: Any) -> None:
+        self.plan, self.handle = plan, handle
+        self.captured = self._capture()
+        # Python state that forward reads (a temperature a stage anneals between events) is baked into the
+        # graphs: when it changes, they are captured again.
+        self.watched = UserState(plan.model, plan.loss_fn)
+        self.step = _C.NativeStep(
+            self.captured.params,
+            self.captured.state,
+            list(self.captured.graphs.items()),
+            [list(t.shape[1:]) for t in plan.train_data],
+            self._not_stepped(),
+            handle,
+        )
+        self.settle: list[Callable[[int], None]] = []
+
+    def _capture(self) -> op_capture.CapturedStep:
+        plan = self.plan
+        return op_capture.capture_step(
+            plan.model,
+            plan.loss_fn,
+            example_batches(plan.train_data, plan.batch_size, plan.drop_last, plan.shuffle),
+            last_label=plan.last_label,
+            metrics=plan.metric_fns,
+        )
+
+    def _not_stepped(self) -> list[bool]:
+        # a plain loop's zero_grad() never reaches these, so their .grad sums over steps
+        stepped = {id(p) for group in self.plan.optimizer.param_groups for p in group["params"]}
+        return [id(p) not in stepped for p in self.captured.params]
+
+    def begin_window(self, planned_steps: int) -> None:
+        plan, captured = self.plan, self.captured
+        if captured.refresh(plan.model):
+            self.step.bind(captured.params, captured.state)
+        changed = self.watched.changes()
+        if changed:
+            try:
+                fresh = self._capture()
+            except op_capture.CaptureError as exc:
+                raise RuntimeError(
+                    f"{', '.join(changed[:3])} changed since the native engine captured the step, and "
+                    f"capturing it again failed: {exc}"
+                ) from exc
+            self.step.set_graphs(list(fresh.graphs.items()))
+            self.watched = UserState(plan.model, plan.loss_fn)
+        self.step.set_accumulate(self._not_stepped())  # param groups may have been added
+        schedule: dict[str, Any] = {}
+        if plan.step_scheduler is not None:
+            schedule, rewind = optim.schedule_window(plan.step_scheduler, planned_steps)
+            self.settle.append(rewind)
+        optim.configure_window(self.handle, plan.optimizer, captured.params, **schedule)
+
+    def end_window(self) -> None:
+        taken = self.handle.steps_in_window
+        optim.finish_window(self.handle, self.plan.optimizer)
+        while self.settle:
+            self.settle.pop()(taken)

@@ -1,0 +1,198 @@
+"""The checked plan of one training run: ``fit()``'s arguments validated once, then passed down whole.
+
+Every later layer (the engine choice, each engine, the session that yields events) takes a :class:`Plan`
+instead of sixteen arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _checks as check
+
+ENGINE_NAMES = ("auto", "graph", "native", "python")
+STATE_VERSION = 1  # of FitStream.state_dict()
+# fit()'s defaults for the options a Plan keeps as they are (after checking them).
+OPTION_DEFAULTS: dict[str, Any] = {
+    "batch_size": 1,
+    "shuffle": True,
+    "last_label": True,
+    "generator": None,
+    "step_offset": 0,
+    "every": None,
+    "drop_last": False,
+    "engine": "auto",
+    "scheduler": None,
+    "scheduler_every": "step",
+    "on_nonfinite": "raise",
+    "amp": None,
+    "resume": None,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``fit()`` was asked to do, checked: the user's objects, the data on its device, the options."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[..., torch.Tensor]
+    train_data: tuple[torch.Tensor, ...]  # on the model's device
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    last_label: bool
+    generator: torch.Generator | None
+    every: int | None
+    engine: str  # one of ENGINE_NAMES
+    metrics: Mapping[str, Callable[..., Any]]  # resolved: {event key: fn(pred, labels)}
+    scheduler: Any | None
+    scheduler_every: str  # "step" or "event"
+    on_nonfinite: str  # "raise", "stop" or "continue"
+    amp: str | None  # None, "bf16" or "fp16"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    step_offset: int = 0
+    resume: Mapping[str, Any] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_data[0].device
+
+    @property
+    def step_scheduler(self) -> Any | None:
+        """The scheduler to step after every optimizer step (None: there is none, or it steps per event)."""
+        return self.scheduler if self.scheduler_every == "step" else None
+
+    @property
+    def guard_nonfinite(self) -> bool:
+        """Whether a step with a non-finite loss must not be applied."""
+        return self.on_nonfinite != "continue"
+
+    @property
+    def metric_fns(self) -> list[Callable[..., Any]]:
+        return list(self.metrics.values())
+
+
+def make_plan(
+    train_data: Sequence[torch.Tensor],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    device: str | torch.device | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> Plan:
+    """Check ``fit()``'s arguments (errors name the argument), place the data, and run the model and loss
+    once on the first batch without side effects, so that shape and dtype mistakes fail here. Options not
+    given take ``fit()``'s defaults."""
+    unknown = set(options) - set(OPTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown fit() options: {', '.join(sorted(unknown))}")
+    options = {**OPTION_DEFAULTS, **options}
+    _check_options(options)
+    last_label = options["last_label"]
+    resolved_metrics = check.check_metrics(metrics, last_label=last_label)
+    _check_objects(model, optimizer, loss_fn, options)
+    if extra is not None and not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+    tensors = _placed_data(train_data, model, device, last_label)
+    generator = options["generator"]
+    if generator is not None and generator.device.type != tensors[0].device.type:
+        raise ValueError(f"generator is on {generator.device} but train_data is on {tensors[0].device}")
+    if options["drop_last"] and options["batch_size"] > tensors[0].shape[0]:
+        raise ValueError(
+            f"drop_last=True with batch_size={options['batch_size']} larger than the {tensors[0].shape[0]} "
+            "samples would leave no batch"
+        )
+    check.check_first_batch(model, loss_fn, tensors, batch_size=options["batch_size"], last_label=last_label)
+    return Plan(
+        model=model,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        train_data=tuple(tensors),
+        metrics=resolved_metrics,
+        extra=dict(extra or {}),
+        **options,
+    )
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    check.check_int("batch_size", options["batch_size"], minimum=1)
+    check.check_bool("shuffle", options["shuffle"])
+    check.check_bool("last_label", options["last_label"])
+    check.check_bool("drop_last", options["drop_last"])
+    check.check_int("step_offset", options["step_offset"])
+    if options["every"] is not None:
+        check.check_int("every", options["every"], minimum=1)
+    check.check_choice("engine", options["engine"], ENGINE_NAMES)
+    check.check_choice("scheduler_every", options["scheduler_every"], ("step", "event"))
+    check.check_choice("on_nonfinite", options["on_nonfinite"], ("raise", "stop", "continue"))
+    check.check_choice("amp", options["amp"], (None, "bf16", "fp16"))
+    generator = options["generator"]
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if options["resume"] is not None:
+        check_resume_state(options["resume"])
+
+
+def _check_objects(model: Any, optimizer: Any, loss_fn: Any, options: Mapping[str, Any]) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (none with requires_grad=True)")
+    check.check_optimizer(optimizer, model)
+    check.check_callable("loss_fn", loss_fn)
+    check.check_scheduler(options["scheduler"], optimizer)
+
+
+def _placed_data(
+    train_data: Any, model: nn.Module, device: str | torch.device | None, last_label: bool
+) -> list[torch.Tensor]:
+    tensors = check.check_tensors("train_data", train_data, last_label=last_label)
+    target = check.model_device(model)
+    if device is not None:
+        wanted = torch.device(device)
+        if wanted.type != target.type or (wanted.index is not None and wanted != target):
+            raise ValueError(
+                f"device={wanted} differs from the model's device {target}; move the model first"
+            )
+        tensors = check.place_on_device(tensors, target)
+    if tensors[0].device != target:
+        raise ValueError(
+            f"train_data is on {tensors[0].device} but the model is on {target}; move the data "
+            f"(or pass device={str(target)!r} to copy it once)"
+        )
+    return tensors
+
+
+_RESUME_KEYS = frozenset(
+    {
+        "version",
+        "model",
+        "optimizer",
+        "step",
+        "updates",
+        "epochs_completed",
+        "batch_index",
+        "epoch_order",
+        "num_samples",
+        "generator",
+        "rng",
+        "scheduler",
+        "batching",
+    }
+)
+
+
+def check_resume_state(state: Any) -> None:
+    if not isinstance(state, Mapping) or not _RESUME_KEYS <= set(state):
+        raise TypeError("resume must be the dict returned by FitStream.state_dict()")
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"resume state has version {state['version']}, this hotloop reads {STATE_VERSION}")
