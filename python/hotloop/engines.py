@@ -51,12 +51,21 @@ def python_step(
     ``guard_nonfinite`` a batch whose loss is not finite is not applied (the Loop then ends the window);
     ``scheduler`` is stepped after every optimizer step, as in a plain per-step schedule. ``amp``
     (``"bf16"``/``"fp16"``) runs forward and loss under ``torch.autocast``, fp16 with a ``GradScaler``.
+
+    An optimizer whose step requires a closure (torch.optim.LBFGS) is stepped as a plain loop steps it:
+    ``optimizer.step(closure)``, the closure zeroing the gradients, running forward and loss on the batch,
+    backpropagating and returning the loss. The step's loss and metrics are the closure's first
+    evaluation's (the loss ``step`` returns), checked for ``guard_nonfinite`` before anything changes.
     """
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if amp is not None else None
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
+    if closure_step_required(optimizer) and scaler is not None:
+        raise ValueError(
+            f"amp='fp16' cannot step {type(optimizer).__name__}: GradScaler does not take closures"
+        )
 
-    def step(*batch: torch.Tensor) -> Any:
+    def forward(batch: Sequence[torch.Tensor]) -> tuple[Any, Any, torch.Tensor]:
         autocast = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with autocast:
             if last_label:
@@ -69,15 +78,18 @@ def python_step(
                 loss = loss_fn(pred)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+        return pred, labels, loss
+
+    def metric_values(pred: Any, labels: Any, loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return tuple(_as_tensor(fn(pred, labels) if last_label else fn(pred), loss) for fn in metrics)
+
+    def step(*batch: torch.Tensor) -> Any:
+        pred, labels, loss = forward(batch)
         if guard_nonfinite and not math.isfinite(loss.item()):
             return loss.detach()
         # Metrics first: one that fails must fail before the update, not after it.
-        values: tuple[torch.Tensor, ...] = ()
-        if metrics:
-            with torch.no_grad():
-                values = tuple(
-                    _as_tensor(fn(pred, labels) if last_label else fn(pred), loss) for fn in metrics
-                )
+        values = metric_values(pred, labels, loss) if metrics else ()
         optimizer.zero_grad()
         if scaler is None:
             loss.backward()
@@ -90,7 +102,54 @@ def python_step(
             scheduler.step()
         return (loss.detach(), *values) if metrics else loss.detach()
 
-    return step
+    def closure_step(*batch: torch.Tensor) -> Any:
+        # The plain loop's `optimizer.step(closure)`; the loss is the first evaluation's, as step returns it.
+        first: list[tuple[torch.Tensor, ...]] = []
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            pred, labels, loss = forward(batch)
+            if not first:
+                if guard_nonfinite and not math.isfinite(loss.item()):
+                    raise _NonFiniteLoss(loss.detach())
+                first.append(metric_values(pred, labels, loss) if metrics else ())
+            loss.backward()
+            return loss
+
+        try:
+            loss = optimizer.step(closure)
+        except _NonFiniteLoss as skipped:
+            return skipped.loss
+        if scheduler is not None:
+            scheduler.step()
+        return (loss.detach(), *first[0]) if metrics else loss.detach()
+
+    return closure_step if closure_step_required(optimizer) else step
+
+
+class _NonFiniteLoss(Exception):
+    """Leaves a closure optimizer's step before it changes anything: the batch's loss is not finite."""
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        super().__init__("non-finite loss")
+        self.loss = loss
+
+
+def closure_step_required(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure: True for torch.optim.LBFGS, whose closure the python
+    engine writes as a plain loop does; a ValueError for any other such optimizer, whose closure contract
+    hotloop cannot know."""
+    from .optim import _requires_closure
+
+    if not _requires_closure(optimizer):
+        return False
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    raise ValueError(
+        f"{type(optimizer).__name__}.step requires a closure, and hotloop only calls closures for "
+        "torch.optim.LBFGS (zero_grad, forward, loss, backward, return the loss), a contract it cannot "
+        "assume for other optimizers"
+    )
 
 
 def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
@@ -119,6 +178,7 @@ def choose_engine(
 
     ``scheduler`` is a learning-rate scheduler to step after every optimizer step (None: none per step).
     """
+    closure_step_required(optimizer)  # an optimizer whose closure contract is unknown fails up front
     reason: str | None = None
     graph_reason: str | None = None
     on_cuda = train_data[0].device.type == "cuda"
