@@ -1,6 +1,7 @@
 // NativeOptimizer: validation, the per-window plan (which params share a fused kernel call) and step().
 #include "optim/optimizer.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 
 namespace hotloop {
@@ -71,6 +72,9 @@ void NativeOptimizer::step(const std::vector<at::Tensor>& grads) {
     }
   }
   at::NoGradGuard no_grad;
+  // The updates are torch.optim's no_grad in-place ops: skipping the autograd kernels saves a dispatch hop
+  // per op (version counters are still bumped, below autograd).
+  at::AutoDispatchBelowAutograd below_autograd;
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     OptimizerGroup& group = groups_[gi];
     const double lr = group.lr_per_step.empty() ? group.lr : group.lr_per_step[steps_in_window_];
