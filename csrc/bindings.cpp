@@ -8,6 +8,7 @@
 #include "engine/native_step.h"
 #include "engine/op_graph.h"
 #include "engine/python_step.h"
+#include "optim/for_loop.h"
 #include "optim/optimizer.h"
 #ifdef HOTLOOP_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
@@ -123,7 +124,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("exp_avgs", &OptimizerGroup::exp_avgs)
       .def_readwrite("exp_avg_sqs", &OptimizerGroup::exp_avg_sqs)
       .def_readwrite("max_exp_avg_sqs", &OptimizerGroup::max_exp_avg_sqs)
-      .def_readwrite("steps", &OptimizerGroup::steps);
+      .def_readwrite("steps", &OptimizerGroup::steps)
+      .def_readwrite("state", &OptimizerGroup::state)
+      .def_readwrite("options", &OptimizerGroup::options);
   py::class_<NativeOptimizer, std::shared_ptr<NativeOptimizer>>(m, "NativeOptimizer", py::dynamic_attr())
       .def("configure", &NativeOptimizer::configure, py::arg("groups"), py::arg("num_grads"))
       .def("step", &NativeOptimizer::step, py::arg("grads"), py::call_guard<py::gil_scoped_release>())
@@ -134,6 +137,16 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<bool>(), py::arg("fused") = true);
   py::class_<Adam, NativeOptimizer, std::shared_ptr<Adam>>(m, "Adam", py::dynamic_attr())
       .def(py::init<bool>(), py::arg("fused") = true);
+  py::class_<Adagrad, NativeOptimizer, std::shared_ptr<Adagrad>>(m, "Adagrad", py::dynamic_attr())
+      .def(py::init<bool>(), py::arg("fused") = true);
+  py::class_<RMSprop, NativeOptimizer, std::shared_ptr<RMSprop>>(m, "RMSprop", py::dynamic_attr()).def(py::init<>());
+  py::class_<Adamax, NativeOptimizer, std::shared_ptr<Adamax>>(m, "Adamax", py::dynamic_attr()).def(py::init<>());
+  py::class_<NAdam, NativeOptimizer, std::shared_ptr<NAdam>>(m, "NAdam", py::dynamic_attr()).def(py::init<>());
+  py::class_<RAdam, NativeOptimizer, std::shared_ptr<RAdam>>(m, "RAdam", py::dynamic_attr()).def(py::init<>());
+  py::class_<ASGD, NativeOptimizer, std::shared_ptr<ASGD>>(m, "ASGD", py::dynamic_attr()).def(py::init<>());
+  py::class_<Rprop, NativeOptimizer, std::shared_ptr<Rprop>>(m, "Rprop", py::dynamic_attr()).def(py::init<>());
+  py::class_<Adadelta, NativeOptimizer, std::shared_ptr<Adadelta>>(m, "Adadelta", py::dynamic_attr())
+      .def(py::init<>());
 
 #ifdef HOTLOOP_WITH_CUDA
   // Graph engine (built by hotloop.graph). The graphs are torch.cuda.CUDAGraph objects: torch binds

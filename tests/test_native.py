@@ -510,7 +510,7 @@ class CountingBranch(nn.Module):
 
 
 FALLBACKS = {
-    "optimizer": (lambda: mlp(), lambda m: torch.optim.RMSprop(m.parameters()), "RMSprop is not native"),
+    "optimizer": (lambda: mlp(), lambda m: torch.optim.Adafactor(m.parameters()), "Adafactor is not native"),
     "data_dependent": (DataBranch, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), "data-dependent"),
     "python_state": (
         CountingBranch,

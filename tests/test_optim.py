@@ -280,7 +280,7 @@ class MyAdam(torch.optim.Adam):
     "make, expected",
     [
         (lambda ps: MyAdam(ps), "MyAdam is not native"),
-        (lambda ps: torch.optim.RMSprop(ps), "RMSprop is not native"),
+        (lambda ps: torch.optim.Adafactor(ps), "Adafactor is not native"),
         (lambda ps: torch.optim.Adam(ps, differentiable=True), "Adam with differentiable=True is not native"),
         (lambda ps: torch.optim.SGD(ps, differentiable=True), "SGD with differentiable=True is not native"),
         (lambda ps: torch.optim.Adam(ps, capturable=True), "capturable=True needs CUDA parameters"),

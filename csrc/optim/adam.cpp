@@ -60,16 +60,7 @@ void Adam::fill_bucket(const OptimizerGroup& group, Bucket& bucket) const {
     bucket.exp_avgs.push_back(group.exp_avgs[i]);
     bucket.exp_avg_sqs.push_back(group.exp_avg_sqs[i]);
     if (group.amsgrad) bucket.max_exp_avg_sqs.push_back(group.max_exp_avg_sqs[i]);
-    const at::Tensor& step = group.steps[i];
-    const at::Tensor& p = group.params[i];
-    if (step.device() == p.device() && step.dim() == 0) {
-      bucket.kernel_steps.push_back(step);
-    } else {
-      bucket.copied_steps.push_back(step);
-      // torch keeps a non-fused optimizer's steps on the CPU even for CUDA params; the kernel reads
-      // its own device-side copies, advanced in step with them.
-      bucket.kernel_steps.push_back(step.reshape({}).to(p.device(), at::kFloat, false, /*copy=*/true));
-    }
+    add_kernel_step(bucket, group.steps[i], group.params[i]);
   }
 }
 

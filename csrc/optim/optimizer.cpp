@@ -1,6 +1,7 @@
 // NativeOptimizer: validation, the per-window plan (which params share a fused kernel call) and step().
 #include "optim/optimizer.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 
 namespace hotloop {
@@ -71,6 +72,9 @@ void NativeOptimizer::step(const std::vector<at::Tensor>& grads) {
     }
   }
   at::NoGradGuard no_grad;
+  // The updates are torch.optim's no_grad in-place ops: skipping the autograd kernels saves a dispatch hop
+  // per op (version counters are still bumped, below autograd).
+  at::AutoDispatchBelowAutograd below_autograd;
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     OptimizerGroup& group = groups_[gi];
     const double lr = group.lr_per_step.empty() ? group.lr : group.lr_per_step[steps_in_window_];
@@ -94,10 +98,88 @@ void NativeOptimizer::increment_steps(const std::vector<at::Tensor>& steps) {
   if (!others.empty()) at::_foreach_add_(others, 1);
 }
 
+void NativeOptimizer::increment_step(const at::Tensor& step) {
+  if (step.is_cpu() && step.scalar_type() == at::kFloat) {
+    *step.data_ptr<float>() += 1.0f;
+  } else if (step.is_cpu() && step.scalar_type() == at::kDouble) {
+    *step.data_ptr<double>() += 1.0;
+  } else {
+    step.add_(1);
+  }
+}
+
 double NativeOptimizer::step_value(const at::Tensor& step) {
   if (step.is_cpu() && step.scalar_type() == at::kFloat) return *step.const_data_ptr<float>();
   if (step.is_cpu() && step.scalar_type() == at::kDouble) return *step.const_data_ptr<double>();
   return step.item<double>();
+}
+
+void NativeOptimizer::scale_scalar(const at::Tensor& t, double factor) {
+  // float * float rounded to float, as the CPU mul kernel computes a float tensor times a Python scalar
+  if (t.is_cpu() && t.scalar_type() == at::kFloat) {
+    float* value = t.data_ptr<float>();
+    *value = *value * static_cast<float>(factor);
+  } else if (t.is_cpu() && t.scalar_type() == at::kDouble) {
+    *t.data_ptr<double>() *= factor;
+  } else {
+    t.mul_(factor);
+  }
+}
+
+void NativeOptimizer::store_scalar(const at::Tensor& t, double value) {
+  if (t.is_cpu() && t.scalar_type() == at::kFloat) {
+    *t.data_ptr<float>() = static_cast<float>(value);
+  } else if (t.is_cpu() && t.scalar_type() == at::kDouble) {
+    *t.data_ptr<double>() = value;
+  } else {
+    t.fill_(value);
+  }
+}
+
+double NativeOptimizer::option(const OptimizerGroup& group, const char* name) {
+  auto it = group.options.find(name);
+  TORCH_CHECK(it != group.options.end(), "the param group has no option '", name, "'");
+  return it->second;
+}
+
+void NativeOptimizer::check_param_state(const char* optimizer, const OptimizerGroup& group, const char* key) {
+  auto it = group.state.find(key);
+  TORCH_CHECK(it != group.state.end(), optimizer, " needs the state '", key, "' of every parameter");
+  const std::vector<at::Tensor>& state = it->second;
+  TORCH_CHECK(state.size() == group.params.size(), optimizer, " needs one '", key, "' per parameter, got ",
+              state.size(), " for ", group.params.size(), " parameters");
+  for (size_t i = 0; i < state.size(); ++i) {
+    const at::Tensor& p = group.params[i];
+    const at::Tensor& s = state[i];
+    TORCH_CHECK(s.defined() && s.sizes() == p.sizes() && s.device() == p.device() &&
+                    s.scalar_type() == p.scalar_type(),
+                "the '", key, "' of parameter ", i, " does not match it (", p.toString(), p.sizes(), " on ",
+                p.device(), ")");
+  }
+}
+
+void NativeOptimizer::check_scalar_state(const char* optimizer, const OptimizerGroup& group, const char* key) {
+  auto it = group.state.find(key);
+  TORCH_CHECK(it != group.state.end(), optimizer, " needs the state '", key, "' of every parameter");
+  const std::vector<at::Tensor>& state = it->second;
+  TORCH_CHECK(state.size() == group.params.size(), optimizer, " needs one '", key, "' per parameter, got ",
+              state.size(), " for ", group.params.size(), " parameters");
+  for (size_t i = 0; i < state.size(); ++i) {
+    const at::Tensor& s = state[i];
+    TORCH_CHECK(s.defined() && s.numel() == 1 && at::isFloatingType(s.scalar_type()), "the '", key,
+                "' of parameter ", i, " must be a one-element floating point tensor");
+  }
+}
+
+void NativeOptimizer::add_kernel_step(Bucket& bucket, const at::Tensor& step, const at::Tensor& param) {
+  if (step.device() == param.device() && step.dim() == 0) {
+    bucket.kernel_steps.push_back(step);
+  } else {
+    bucket.copied_steps.push_back(step);
+    // torch keeps a non-fused optimizer's steps on the CPU even for CUDA params; the kernel reads
+    // its own device-side copies, advanced in step with them.
+    bucket.kernel_steps.push_back(step.reshape({}).to(param.device(), at::kFloat, false, /*copy=*/true));
+  }
 }
 
 at::Tensor NativeOptimizer::dense_like(const at::Tensor& grad) {

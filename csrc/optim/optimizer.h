@@ -1,4 +1,4 @@
-// Native SGD / Adam / AdamW: one optimizer step on gradients handed over from C++, updating the very
+// Native torch.optim optimizers (SGD, Adam, AdamW here; the others in optim/for_loop.h): one optimizer step on gradients handed over from C++, updating the very
 // tensors that live in a torch.optim optimizer's param_groups and state.
 //
 // Use from Python (python/hotloop/optim.py does all of this):
@@ -15,6 +15,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 namespace hotloop {
@@ -50,6 +52,12 @@ struct OptimizerGroup {
   std::vector<at::Tensor> exp_avg_sqs;
   std::vector<at::Tensor> max_exp_avg_sqs;  // amsgrad only
   std::vector<at::Tensor> steps;            // 0-dim, incremented by one per step like torch.optim's
+
+  // The optimizers of optim/for_loop.h: state tensors under torch.optim's own state keys ("step",
+  // "square_avg", "mu_product", ...), each list aligned with params, and the group's other
+  // hyperparameters by name (each optimizer's header comment lists the names it reads).
+  std::map<std::string, std::vector<at::Tensor>> state;
+  std::map<std::string, double> options;
 };
 
 class NativeOptimizer {
@@ -77,7 +85,7 @@ class NativeOptimizer {
   // Params of one group that one fused kernel call updates: same device and dtype, all contiguous.
   struct Bucket {
     std::vector<size_t> members;  // indices into the group's params
-    std::vector<at::Tensor> params, momentum_buffers, exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+    std::vector<at::Tensor> params, momentum_buffers, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sums;
     std::vector<at::Tensor> kernel_steps;  // the state's steps, or float32 copies on the params' device
     std::vector<at::Tensor> copied_steps;  // the state's steps that kernel_steps holds copies of
     std::vector<at::Tensor> grads;  // refilled every step
@@ -89,9 +97,24 @@ class NativeOptimizer {
 
   // torch.optim's `step += 1` on 0-dim step tensors (a plain store for CPU ones, the common case).
   static void increment_steps(const std::vector<at::Tensor>& steps);
+  static void increment_step(const at::Tensor& step);
   static double step_value(const at::Tensor& step);
+  // torch.optim's `t *= factor` and `t.copy_(torch.as_tensor(value))` on a one-element state tensor, in
+  // its dtype (plain loads and stores for CPU float and double tensors).
+  static void scale_scalar(const at::Tensor& t, double factor);
+  static void store_scalar(const at::Tensor& t, double value);
   // The gradient laid out like its param, as fused kernels assume.
   static at::Tensor dense_like(const at::Tensor& grad);
+  // torch.view_as_real for complex tensors, as torch.optim steps complex params; others unchanged.
+  static at::Tensor as_real(const at::Tensor& t) { return t.is_complex() ? at::view_as_real(t) : t; }
+
+  // What check_group implementations share: a named option, and a state list by torch.optim's key
+  // whose tensors are shaped like the params or hold one element.
+  static double option(const OptimizerGroup& group, const char* name);
+  static void check_param_state(const char* optimizer, const OptimizerGroup& group, const char* key);
+  static void check_scalar_state(const char* optimizer, const OptimizerGroup& group, const char* key);
+  // The step tensors a fused kernel reads: the state's own, or device copies advanced along with them.
+  static void add_kernel_step(Bucket& bucket, const at::Tensor& step, const at::Tensor& param);
 
   virtual void check_group(const OptimizerGroup& group) const = 0;
   virtual void set_momentum(OptimizerGroup& group, double momentum) const = 0;

@@ -1,4 +1,8 @@
-"""Native optimizers: torch.optim's SGD, Adam and AdamW stepped from C++ on the optimizer's own state.
+"""Native optimizers: torch.optim's optimizers stepped from C++ on the optimizer's own state.
+
+Native: SGD, Adam, AdamW (fused kernels or a for-loop replica) and RMSprop, Adagrad (fused or for-loop),
+Adamax, NAdam, RAdam, ASGD, Rprop, Adadelta (for-loop replicas), each with all its options except
+``capturable`` and ``differentiable``; ``native_optimizer`` says why anything else is not native.
 
 The native engine steps the optimizer with no Python per batch. At every window boundary the Python side
 reads ``param_groups`` afresh and hands C++ the very tensors that live in ``optimizer.state``, which C++
@@ -20,14 +24,16 @@ So changing ``lr``, stepping a scheduler, saving or loading a state dict between
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.optim import SGD, Adam, AdamW, Optimizer
+from torch.optim import ASGD, SGD, Adam, AdamW, Optimizer, SparseAdam
 
 from ._native import _C
+from ._optim_specs import SPECS, scalar_dtype
 
-NATIVE_OPTIMIZERS = (SGD, Adam, AdamW)
+NATIVE_OPTIMIZERS = (SGD, Adam, AdamW, *SPECS)
 
 
 def native_optimizer(
@@ -35,17 +41,22 @@ def native_optimizer(
 ) -> tuple[_C.NativeOptimizer | None, str | None]:
     """A native stepper for ``optimizer``, or ``(None, reason)`` saying why it cannot have one.
 
-    ``fused=True`` runs ATen's fused kernels (``_fused_sgd_``, ``_fused_adam_``, ``_fused_adamw_``), which
-    match torch.optim's default for-loop implementation to a few float32 ulps per step (bitwise when the
-    optimizer itself was built with ``fused=True``). ``fused=False`` replays torch.optim's for-loop
-    implementation op for op: bitwise equal to it on CPU, and slower.
+    ``fused=True`` runs ATen's fused kernels (``_fused_sgd_``, ``_fused_adam_``, ``_fused_adamw_``,
+    ``_fused_adagrad_`` on CPU), which match torch.optim's default for-loop implementation to a few float32
+    ulps per step (bitwise when the optimizer itself was built with ``fused=True``). ``fused=False``, and
+    every other optimizer, replays torch.optim's for-loop implementation op for op: bitwise equal to it on
+    CPU.
     """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     reason = native_refusal(optimizer)
     if reason is not None:
         return None, reason
-    handle = _C.SGD(fused=fused) if type(optimizer) is SGD else _C.Adam(fused=fused)
+    kind = type(optimizer)
+    if kind in SPECS:
+        handle = SPECS[kind].handle(fused)
+    else:
+        handle = _C.SGD(fused=fused) if kind is SGD else _C.Adam(fused=fused)
     handle._created_state = []
     return handle, None
 
@@ -67,9 +78,10 @@ def configure_window(
     gradient. Missing state is created here exactly as torch.optim creates it on its first step.
 
     ``lrs_per_step``, one entry per param group, gives that group's learning rate for each step of the
-    window (``None`` for a group: its ``lr``); ``momenta_per_step`` likewise SGD's momentum or Adam's
-    beta1. ``schedule_window`` computes both from a scheduler. A step beyond a given schedule fails
-    before changing anything.
+    window (``None`` for a group: its ``lr``); ``momenta_per_step`` likewise the group's momentum
+    (SGD, RMSprop) or beta1 (Adam, AdamW, Adamax, NAdam, RAdam). ``schedule_window`` computes both from
+    a scheduler. A step beyond a given schedule fails before changing anything. State is created with
+    the lr of the window's first step (what Rprop's ``step_size`` and ASGD's ``eta`` start from).
     """
     reason = native_refusal(optimizer)
     if reason is not None:
@@ -96,10 +108,15 @@ def configure_window(
             g.lr_per_step = [float(lr) for lr in lrs_per_step[gi]]
         if momenta_per_step is not None and momenta_per_step[gi] is not None:
             g.momentum_per_step = [float(m) for m in momenta_per_step[gi]]
-        g.weight_decay = float(group["weight_decay"])
+        g.weight_decay = float(group.get("weight_decay", 0.0))  # Rprop has none
         g.maximize = bool(group.get("maximize", False))
-        if type(optimizer) is SGD:
+        kind = type(optimizer)
+        if kind is SGD:
             _configure_sgd(g, group, params, optimizer.state, created)
+        elif kind in SPECS:
+            # state is created as on the window's first step, whose lr a scheduler run ahead has moved on
+            first = {**group, "lr": g.lr_per_step[0]} if g.lr_per_step else group
+            _configure_state(g, SPECS[kind], optimizer, first, params, created)
         else:
             _configure_adam(g, group, params, optimizer.state, created)
         native_groups.append(g)
@@ -158,7 +175,7 @@ def schedule_window(scheduler, n_steps: int) -> tuple[dict[str, list], Callable[
         for _ in range(steps):
             scheduler.step()
 
-    momentum_key = "momentum" if type(optimizer) is SGD else "betas"
+    momentum_key = _momentum_key(optimizer)
     fixed_keys = [k for k in optimizer.defaults if k not in ("lr", momentum_key)]
     lrs: list[list[float]] = [[] for _ in groups]
     momenta: list[list[float]] = [[] for _ in groups]
@@ -166,7 +183,8 @@ def schedule_window(scheduler, n_steps: int) -> tuple[dict[str, list], Callable[
     for _ in range(n_steps):
         for i, group in enumerate(groups):
             lrs[i].append(float(group["lr"]))
-            momenta[i].append(float(_momentum_of(group, momentum_key)))
+            if momentum_key is not None:
+                momenta[i].append(float(_momentum_of(group, momentum_key)))
         scheduler.step()
         for group, saved in zip(groups, saved_groups, strict=True):
             changed = [k for k in fixed_keys if not _same(group.get(k), saved.get(k))]
@@ -178,14 +196,13 @@ def schedule_window(scheduler, n_steps: int) -> tuple[dict[str, list], Callable[
                     f"{type(scheduler).__name__} changes {', '.join(changed)} from step to step; per-step "
                     "schedules of lr and momentum only run natively"
                 )
-    start_momenta = [float(_momentum_of(saved, momentum_key)) for saved in saved_groups]
-    schedule = {
-        "lrs_per_step": lrs,
-        "momenta_per_step": [
+    schedule: dict[str, list] = {"lrs_per_step": lrs}
+    if momentum_key is not None:
+        start_momenta = [float(_momentum_of(saved, momentum_key)) for saved in saved_groups]
+        schedule["momenta_per_step"] = [
             None if all(m == start for m in group_momenta) else group_momenta
             for group_momenta, start in zip(momenta, start_momenta, strict=True)
-        ],
-    }
+        ]
 
     def settle(steps_taken: int) -> None:
         if not 0 <= steps_taken <= n_steps:
@@ -194,6 +211,13 @@ def schedule_window(scheduler, n_steps: int) -> tuple[dict[str, list], Callable[
             rewind(steps_taken)
 
     return schedule, settle
+
+
+def _momentum_key(optimizer: Optimizer) -> str | None:
+    kind = type(optimizer)
+    if kind in SPECS:
+        return SPECS[kind].momentum_key
+    return "momentum" if kind is SGD else "betas"
 
 
 def _momentum_of(group, momentum_key):
@@ -263,11 +287,18 @@ def _configure_adam(g, group, params, state, created) -> None:
     g.max_exp_avg_sqs = max_exp_avg_sqs
 
 
-def scalar_dtype(fused) -> torch.dtype:
-    # torch.optim.optimizer._get_scalar_dtype
-    if fused:
-        return torch.float32
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+def _configure_state(g, spec, optimizer, group, params, created) -> None:
+    g.options = spec.options(group)
+    keys = spec.state_keys(group)
+    lists: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    for p in params:
+        param_state = optimizer.state[p]
+        if len(param_state) == 0:
+            param_state.update(spec.new_state(optimizer, group, p))
+            created.append((p, None))
+        for key in keys:
+            lists[key].append(param_state[key])
+    g.state = lists
 
 
 def native_refusal(optimizer: Optimizer) -> str | None:
@@ -275,10 +306,7 @@ def native_refusal(optimizer: Optimizer) -> str | None:
     kind = type(optimizer)
     name = kind.__name__
     if kind not in NATIVE_OPTIMIZERS:
-        return (
-            f"{name} is not native (native optimizers: torch.optim.SGD, Adam and AdamW themselves, "
-            "not subclasses)"
-        )
+        return _not_native_reason(optimizer)
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return f"{name} has step hooks, which would have to run in Python at every step"
     from torch.optim import optimizer as optimizer_module
@@ -288,18 +316,65 @@ def native_refusal(optimizer: Optimizer) -> str | None:
     step = vars(optimizer).get("step")
     if step is not None and not getattr(step, "_wrapped_by_lr_sched", False):
         return f"{name}.step was replaced on the instance, and the native optimizer would bypass it"
+    if kind is ASGD and torch.get_default_dtype() not in (torch.float32, torch.float64):
+        return (
+            f"ASGD with default dtype {torch.get_default_dtype()} is not native (its eta and mu pass "
+            "through that dtype)"
+        )
     for gi, group in enumerate(optimizer.param_groups):
         if group.get("differentiable", False):
             return f"{name} with differentiable=True is not native"
+        if kind in SPECS and group.get("capturable", False):
+            return (
+                f"{name} with capturable=True is not native (hotloop replays its capturable=False step, "
+                "whose arithmetic differs)"
+            )
         for p in group["params"]:
             if not p.requires_grad:
                 continue
             if p.layout != torch.strided:
                 return f"{name} on a {p.layout} parameter is not native (param group {gi})"
-            if kind is not SGD:
+            if kind in SPECS:
+                reason = _state_reason(name, SPECS[kind], group, optimizer.state.get(p))
+            elif kind is not SGD:
                 reason = _adam_state_reason(name, group, optimizer.state.get(p), p)
-                if reason is not None:
-                    return f"{reason} (param group {gi})"
+            else:
+                reason = None
+            if reason is not None:
+                return f"{reason} (param group {gi})"
+    return None
+
+
+def _not_native_reason(optimizer: Optimizer) -> str:
+    name = type(optimizer).__name__
+    if requires_closure(optimizer):
+        return (
+            f"{name}.step requires a closure (it re-evaluates the loss within a step), which only the "
+            "python engine can call"
+        )
+    if isinstance(optimizer, SparseAdam):
+        return "SparseAdam steps sparse gradients only, and the native engine computes dense ones"
+    natives = ", ".join(kind.__name__ for kind in NATIVE_OPTIMIZERS)
+    return f"{name} is not native (native optimizers: torch.optim's {natives} themselves, not subclasses)"
+
+
+def requires_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` has a required ``closure`` parameter (LBFGS's does)."""
+    try:
+        parameter = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def _state_reason(name, spec, group, param_state) -> str | None:
+    if not param_state:
+        return None
+    missing = [key for key in spec.state_keys(group) if key not in param_state]
+    if missing:
+        return f"{name} state of a parameter lacks {', '.join(missing)}"
+    if not torch.is_tensor(param_state["step"]):
+        return f"{name} state of a parameter has a step that is not a tensor"
     return None
 
 

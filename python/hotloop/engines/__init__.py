@@ -9,7 +9,7 @@ from ..plan import Plan
 from .base import Engine, EngineRun
 from .cuda_graph import CudaGraphEngine
 from .native import NativeEngine
-from .python import PythonEngine
+from .python import PythonEngine, closure_step_required
 
 ENGINES: tuple[Engine, ...] = (CudaGraphEngine(), NativeEngine(), PythonEngine())
 
@@ -20,6 +20,7 @@ def choose_engine(plan: Plan) -> EngineRun:
     """The fastest engine that can run ``plan`` (``engine="auto"``: those meant for the data's device, in
     order), or the one asked for, which raises its reason when it cannot. A fallback warns once, with the
     reasons of every faster engine tried."""
+    closure_step_required(plan.optimizer)  # an optimizer whose closure contract is unknown fails up front
     wanted = [
         e
         for e in ENGINES

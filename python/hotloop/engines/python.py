@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .._native import _C
 from .._shared import forward_and_loss
+from ..optim import requires_closure
 from ..plan import Plan
 from .base import EngineRun
 
@@ -35,28 +37,41 @@ def python_step(plan: Plan) -> Any:
     window); a per-step scheduler is stepped after every optimizer step, as in a plain per-step schedule.
     ``plan.amp`` (``"bf16"``/``"fp16"``) runs forward and loss under ``torch.autocast``, fp16 with a
     ``GradScaler``.
+
+    An optimizer whose step requires a closure (torch.optim.LBFGS) is stepped as a plain loop steps it:
+    ``optimizer.step(closure)``, the closure zeroing the gradients, running forward and loss on the batch,
+    backpropagating and returning the loss. The step's loss and metrics are the closure's first
+    evaluation's (the loss ``step`` returns), checked for ``guard_nonfinite`` before anything changes.
     """
     model, optimizer, loss_fn, last_label = plan.model, plan.optimizer, plan.loss_fn, plan.last_label
     metrics, scheduler, guard_nonfinite = plan.metric_fns, plan.step_scheduler, plan.guard_nonfinite
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.amp) if plan.amp is not None else None
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type) if plan.amp == "fp16" else None
+    with_closure = closure_step_required(optimizer)
+    if with_closure and scaler is not None:
+        raise ValueError(
+            f"amp='fp16' cannot step {type(optimizer).__name__}: GradScaler does not take closures"
+        )
 
-    def step(*batch: torch.Tensor) -> Any:
+    def forward(batch: Sequence[torch.Tensor]) -> tuple[Any, Any, torch.Tensor]:
         autocast = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with autocast:
             pred, labels, loss = forward_and_loss(model, loss_fn, batch, last_label)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+        return pred, labels, loss
+
+    def metric_values(pred: Any, labels: Any, loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return tuple(_as_tensor(fn(pred, labels) if last_label else fn(pred), loss) for fn in metrics)
+
+    def step(*batch: torch.Tensor) -> Any:
+        pred, labels, loss = forward(batch)
         if guard_nonfinite and not math.isfinite(loss.item()):
             return loss.detach()
         # Metrics first: one that fails must fail before the update, not after it.
-        values: tuple[torch.Tensor, ...] = ()
-        if metrics:
-            with torch.no_grad():
-                values = tuple(
-                    _as_tensor(fn(pred, labels) if last_label else fn(pred), loss) for fn in metrics
-                )
+        values = metric_values(pred, labels, loss) if metrics else ()
         optimizer.zero_grad()
         if scaler is None:
             loss.backward()
@@ -69,7 +84,52 @@ def python_step(plan: Plan) -> Any:
             scheduler.step()
         return (loss.detach(), *values) if metrics else loss.detach()
 
-    return step
+    def closure_step(*batch: torch.Tensor) -> Any:
+        # The plain loop's `optimizer.step(closure)`; the loss is the first evaluation's, as step returns it.
+        first: list[tuple[torch.Tensor, ...]] = []
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            pred, labels, loss = forward(batch)
+            if not first:
+                if guard_nonfinite and not math.isfinite(loss.item()):
+                    raise _NonFiniteLoss(loss.detach())
+                first.append(metric_values(pred, labels, loss) if metrics else ())
+            loss.backward()
+            return loss
+
+        try:
+            loss = optimizer.step(closure)
+        except _NonFiniteLoss as skipped:
+            return skipped.loss
+        if scheduler is not None:
+            scheduler.step()
+        return (loss.detach(), *first[0]) if metrics else loss.detach()
+
+    return closure_step if with_closure else step
+
+
+class _NonFiniteLoss(Exception):
+    """Leaves a closure optimizer's step before it changes anything: the batch's loss is not finite."""
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        super().__init__("non-finite loss")
+        self.loss = loss
+
+
+def closure_step_required(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure: True for torch.optim.LBFGS, whose closure the python
+    engine writes as a plain loop does; a ValueError for any other such optimizer, whose closure contract
+    hotloop cannot know."""
+    if not requires_closure(optimizer):
+        return False
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    raise ValueError(
+        f"{type(optimizer).__name__}.step requires a closure, and hotloop only calls closures for "
+        "torch.optim.LBFGS (zero_grad, forward, loss, backward, return the loss), a contract it cannot "
+        "assume for other optimizers"
+    )
 
 
 def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
