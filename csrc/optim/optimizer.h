@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace hotloop {
@@ -65,8 +66,13 @@ class NativeOptimizer {
   // Validates everything step() relies on, so step() itself only fails on bad gradients.
   void configure(std::vector<OptimizerGroup> groups, int64_t num_grads);
 
-  // One optimizer step. grads may hold undefined tensors for slots no group uses.
-  void step(const std::vector<at::Tensor>& grads);
+  // One optimizer step. grads may hold undefined tensors for slots no group uses. found_inf (0-dim
+  // float32 on the params' device, optional): where it is set the update is skipped on the device, as
+  // torch.optim's fused steps skip it for GradScaler; settle_window() then corrects the host's counts.
+  void step(const std::vector<at::Tensor>& grads, const at::Tensor& found_inf = {});
+  // The last `skipped` steps of the window were skipped through found_inf: takes them off the window's
+  // step count and off the step counters kept on the host.
+  void settle_window(int64_t skipped);
 
   // Steps taken since the last configure().
   int64_t steps_in_window() const { return steps_in_window_; }
@@ -100,11 +106,16 @@ class NativeOptimizer {
   virtual void step_group(OptimizerGroup& group, GroupPlan& plan, const std::vector<at::Tensor>& grads,
                           double lr) = 0;
 
+  std::optional<at::Tensor> optional_found_inf() const {
+    return found_inf_.defined() ? std::optional<at::Tensor>(found_inf_.reshape({})) : std::nullopt;
+  }
+
   bool fused_;
   std::vector<OptimizerGroup> groups_;
   std::vector<GroupPlan> plans_;
   int64_t num_grads_ = 0;
   int64_t steps_in_window_ = 0;
+  at::Tensor found_inf_;  // the current step's, for the fused kernels (undefined: apply the update)
 };
 
 // torch.optim.SGD.

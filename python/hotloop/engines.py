@@ -25,7 +25,7 @@ class SlowPathWarning(UserWarning):
 @dataclass
 class EngineChoice:
     name: str
-    step: Any  # a _C.Step
+    step: Any  # a _C.HostStep (python) or _C.DeviceStep (native, graph)
     reason: str | None = None  # why a faster engine was not used
     # before each Loop.run, with the number of steps the window will take unless it stops early (reads
     # lr etc. afresh); and after it, even when it raised

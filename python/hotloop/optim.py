@@ -45,9 +45,27 @@ def native_optimizer(
     reason = _unsupported_reason(optimizer)
     if reason is not None:
         return None, reason
-    handle = _C.SGD(fused=fused) if type(optimizer) is SGD else _C.Adam(fused=fused)
-    handle._created_state = []
+    handle = _NativeSGD(fused=fused) if type(optimizer) is SGD else _NativeAdam(fused=fused)
     return handle, None
+
+
+class _WindowState:
+    """What a native optimizer keeps on the Python side: the optimizer state ``configure_window`` created,
+    which ``finish_window`` removes again when the window took no step."""
+
+    _created_state: list[tuple[torch.Tensor, str | None]]
+
+    def __init__(self, *, fused: bool) -> None:
+        super().__init__(fused=fused)
+        self._created_state = []
+
+
+class _NativeSGD(_WindowState, _C.SGD):
+    pass
+
+
+class _NativeAdam(_WindowState, _C.Adam):
+    pass
 
 
 def configure_window(
