@@ -1,6 +1,6 @@
 """The graph engine's logic that needs no GPU: the engine choice on CPU data and the Dataset's index stream.
 
-The engine itself is tested on a GPU in tests/cuda/test_graph.py."""
+The engine itself is tested on a GPU in tests/cuda/test_graph_cuda.py."""
 
 from __future__ import annotations
 
