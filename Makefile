@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 DEV_DEPS := cmake ninja pybind11 scikit-build-core pytest hypothesis numpy scikit-learn matplotlib pandas tqdm ruff \
 	tensorboard ipython
 
-.PHONY: venv build test demo bench lint sanitize wheel clean cuda-build cuda-test cuda-bench
+.PHONY: venv build test cpp-test demo bench lint sanitize wheel clean cuda-build cuda-test cuda-bench
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,19 @@ venv: $(VENV)/.ready
 # In-place build of hotloop._C into python/hotloop (tests and the demo import from python/).
 build: venv
 	$(VENV)/bin/cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$(abspath $(PY)) \
-		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) $(CMAKE_ARGS) > /dev/null
+		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) -DHOTLOOP_BUILD_TESTS=ON $(CMAKE_ARGS) > /dev/null
 	$(VENV)/bin/cmake --build $(BUILD_DIR)
 	@# copy then rename: a new inode, so processes that have the old module mapped are not corrupted
 	for f in $(BUILD_DIR)/_C*.so $(BUILD_DIR)/_build_info.py; do \
 		cp $$f python/hotloop/.$$(basename $$f).tmp && mv python/hotloop/.$$(basename $$f).tmp python/hotloop/$$(basename $$f); done
 
-test: build
+test: build cpp-test
 	$(PY) -m pytest -q
+
+# The engine's C++ tests (tests/cpp), built against the same engine library as _C, without Python.
+cpp-test: build
+	$(VENV)/bin/cmake --build $(BUILD_DIR) --target engine_tests
+	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure
 
 demo: build
 	PYTHONPATH=python $(PY) bench/demo.py

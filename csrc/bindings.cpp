@@ -1,15 +1,19 @@
-// The hotloop._C module: bindings only; the logic lives in data/, engine/ and optim/.
+// The hotloop._C module: bindings only; the logic lives in data/, engine/ and optim/, and the Python-facing
+// pieces (the Python step, Ctrl-C polling, the op tuple format) in python/.
 #include <torch/csrc/utils/pybind.h>
 #include <torch/python.h>
 
 #include "data/dataset.h"
 #include "engine/evaluator.h"
+#include "engine/interrupt.h"
 #include "engine/loop.h"
 #include "engine/native_step.h"
 #include "engine/op_graph.h"
-#include "engine/python_step.h"
 #include "optim/for_loop.h"
 #include "optim/optimizer.h"
+#include "python/op_spec.h"
+#include "python/python_step.h"
+#include "python/signal_check.h"
 #ifdef HOTLOOP_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
 
@@ -22,6 +26,13 @@ using namespace hotloop;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hotloop's native inner loop";
+  py::register_local_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const Interrupted&) {
+      PyErr_SetNone(PyExc_KeyboardInterrupt);
+    }
+  });
   m.attr("TORCH_VERSION") = HOTLOOP_TORCH_VERSION;
 #ifdef HOTLOOP_WITH_CUDA
   m.attr("WITH_CUDA") = true;
@@ -42,23 +53,27 @@ PYBIND11_MODULE(_C, m) {
       .def("next_indices", &Dataset::next_indices)
       .def("restore", &Dataset::restore, py::arg("order"), py::arg("batch_index"), py::arg("epochs_completed"));
 
-  py::class_<Step, std::shared_ptr<Step>>(m, "Step");
-  py::class_<PythonStep, Step, std::shared_ptr<PythonStep>>(m, "PythonStep")
+  py::class_<HostStep, std::shared_ptr<HostStep>>(m, "HostStep");
+  py::class_<DeviceStep, std::shared_ptr<DeviceStep>>(m, "DeviceStep");
+  py::class_<PythonStep, HostStep, std::shared_ptr<PythonStep>>(m, "PythonStep")
       .def(py::init<py::function>(), py::arg("step_fn"));
 
   py::class_<WindowStats>(m, "WindowStats")
       .def_readonly("loss_sum", &WindowStats::loss_sum)
       .def_readonly("samples", &WindowStats::samples)
       .def_readonly("steps", &WindowStats::steps)
-      .def_readonly("epochs_completed", &WindowStats::epochs_completed)
-      .def_readonly("wall_time_sec", &WindowStats::wall_time_sec)
-      .def_readonly("epoch_ended", &WindowStats::epoch_ended)
       .def_readonly("metric_sums", &WindowStats::metric_sums)
       .def_readonly("nonfinite_step", &WindowStats::nonfinite_step);
 
   py::class_<Loop>(m, "Loop")
-      .def(py::init<std::shared_ptr<Dataset>, std::shared_ptr<Step>>(), py::arg("dataset"), py::arg("step"))
-      .def("run", &Loop::run, py::arg("max_steps"), py::arg("stop_at_epoch_end"))
+      .def(py::init<std::shared_ptr<Dataset>, std::shared_ptr<HostStep>>(), py::arg("dataset"), py::arg("step"))
+      .def(py::init<std::shared_ptr<Dataset>, std::shared_ptr<DeviceStep>>(), py::arg("dataset"), py::arg("step"))
+      .def(
+          "run",
+          [](Loop& loop, int64_t max_steps, bool stop_at_epoch_end) {
+            return loop.run(max_steps, stop_at_epoch_end, python_signal_poll());
+          },
+          py::arg("max_steps"), py::arg("stop_at_epoch_end"), py::call_guard<py::gil_scoped_release>())
       .def("request_interrupt", &Loop::request_interrupt)
       .def("clear_interrupt", &Loop::clear_interrupt)
       .def("set_guard_nonfinite", &Loop::set_guard_nonfinite, py::arg("guard"))
@@ -70,31 +85,39 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int64_t>(), py::arg("num_inputs"))
       .def("reserve_slots", &OpGraph::reserve_slots, py::arg("count"))
       .def("set_constant", &OpGraph::set_constant, py::arg("slot"), py::arg("value"))
-      .def("add_op", &OpGraph::add_op, py::arg("name"), py::arg("overload"), py::arg("args"), py::arg("results"),
-           py::arg("release"), py::arg("unpacked_list_size"))
+      .def(
+          "add_op",
+          [](OpGraph& graph, const std::string& name, const std::string& overload, const py::list& args,
+             std::vector<int64_t> results, std::vector<int64_t> release, int64_t unpacked_list_size) {
+            graph.add_op(op_spec_from_python(name, overload, args, std::move(results), std::move(release),
+                                             unpacked_list_size));
+          },
+          py::arg("name"), py::arg("overload"), py::arg("args"), py::arg("results"), py::arg("release"),
+          py::arg("unpacked_list_size"))
       .def("set_outputs", &OpGraph::set_outputs, py::arg("slots"), py::arg("copy"))
       .def("__call__", &OpGraph::call, py::arg("inputs"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_inputs", &OpGraph::num_inputs)
       .def_property_readonly("num_outputs", &OpGraph::num_outputs)
       .def_property_readonly("op_names", &OpGraph::op_names);
-  // Native batched evaluation (built by hotloop.native_eval): run() releases the GIL itself.
+  // Native batched evaluation (built by hotloop.native_eval).
   py::class_<Evaluator, std::shared_ptr<Evaluator>>(m, "Evaluator")
       .def(py::init<std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, int64_t>(),
            py::arg("graphs"), py::arg("model_tensors"), py::arg("data"), py::arg("batch_size"))
       .def("bind", &Evaluator::bind, py::arg("model_tensors"))
-      .def("run", &Evaluator::run)
+      .def(
+          "run", [](Evaluator& evaluator) { return evaluator.run(python_signal_poll()); },
+          py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_samples", &Evaluator::num_samples)
       .def_property_readonly("batch_size", &Evaluator::batch_size)
       .def_property_readonly("num_metrics", &Evaluator::num_metrics)
       .def_property_readonly("batches_run", &Evaluator::batches_run);
-  py::class_<NativeStep, Step, std::shared_ptr<NativeStep>>(m, "NativeStep")
+  py::class_<NativeStep, DeviceStep, std::shared_ptr<NativeStep>>(m, "NativeStep")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>, std::vector<std::vector<int64_t>>,
                     std::vector<bool>, std::shared_ptr<NativeOptimizer>>(),
            py::arg("params"), py::arg("state"), py::arg("graphs"), py::arg("sample_shapes"), py::arg("accumulate"),
            py::arg("optimizer"))
-      .def("run", &NativeStep::run, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
       .def("bind", &NativeStep::bind, py::arg("params"), py::arg("state"))
       .def("set_accumulate", &NativeStep::set_accumulate, py::arg("accumulate"))
       .def("set_graphs", &NativeStep::set_graphs, py::arg("graphs"))
@@ -127,31 +150,33 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("steps", &OptimizerGroup::steps)
       .def_readwrite("state", &OptimizerGroup::state)
       .def_readwrite("options", &OptimizerGroup::options);
-  py::class_<NativeOptimizer, std::shared_ptr<NativeOptimizer>>(m, "NativeOptimizer", py::dynamic_attr())
+  py::class_<NativeOptimizer, std::shared_ptr<NativeOptimizer>>(m, "NativeOptimizer")
       .def("configure", &NativeOptimizer::configure, py::arg("groups"), py::arg("num_grads"))
-      .def("step", &NativeOptimizer::step, py::arg("grads"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "step", [](NativeOptimizer& optimizer, const std::vector<at::Tensor>& grads) { optimizer.step(grads); },
+          py::arg("grads"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("fused", &NativeOptimizer::fused)
       .def_property_readonly("steps_in_window", &NativeOptimizer::steps_in_window)
       .def_property_readonly("groups", &NativeOptimizer::groups);
-  py::class_<SGD, NativeOptimizer, std::shared_ptr<SGD>>(m, "SGD", py::dynamic_attr())
+  py::class_<SGD, NativeOptimizer, std::shared_ptr<SGD>>(m, "SGD")
       .def(py::init<bool>(), py::arg("fused") = true);
-  py::class_<Adam, NativeOptimizer, std::shared_ptr<Adam>>(m, "Adam", py::dynamic_attr())
+  py::class_<Adam, NativeOptimizer, std::shared_ptr<Adam>>(m, "Adam")
       .def(py::init<bool>(), py::arg("fused") = true);
-  py::class_<Adagrad, NativeOptimizer, std::shared_ptr<Adagrad>>(m, "Adagrad", py::dynamic_attr())
+  py::class_<Adagrad, NativeOptimizer, std::shared_ptr<Adagrad>>(m, "Adagrad")
       .def(py::init<bool>(), py::arg("fused") = true);
-  py::class_<RMSprop, NativeOptimizer, std::shared_ptr<RMSprop>>(m, "RMSprop", py::dynamic_attr()).def(py::init<>());
-  py::class_<Adamax, NativeOptimizer, std::shared_ptr<Adamax>>(m, "Adamax", py::dynamic_attr()).def(py::init<>());
-  py::class_<NAdam, NativeOptimizer, std::shared_ptr<NAdam>>(m, "NAdam", py::dynamic_attr()).def(py::init<>());
-  py::class_<RAdam, NativeOptimizer, std::shared_ptr<RAdam>>(m, "RAdam", py::dynamic_attr()).def(py::init<>());
-  py::class_<ASGD, NativeOptimizer, std::shared_ptr<ASGD>>(m, "ASGD", py::dynamic_attr()).def(py::init<>());
-  py::class_<Rprop, NativeOptimizer, std::shared_ptr<Rprop>>(m, "Rprop", py::dynamic_attr()).def(py::init<>());
-  py::class_<Adadelta, NativeOptimizer, std::shared_ptr<Adadelta>>(m, "Adadelta", py::dynamic_attr())
+  py::class_<RMSprop, NativeOptimizer, std::shared_ptr<RMSprop>>(m, "RMSprop").def(py::init<>());
+  py::class_<Adamax, NativeOptimizer, std::shared_ptr<Adamax>>(m, "Adamax").def(py::init<>());
+  py::class_<NAdam, NativeOptimizer, std::shared_ptr<NAdam>>(m, "NAdam").def(py::init<>());
+  py::class_<RAdam, NativeOptimizer, std::shared_ptr<RAdam>>(m, "RAdam").def(py::init<>());
+  py::class_<ASGD, NativeOptimizer, std::shared_ptr<ASGD>>(m, "ASGD").def(py::init<>());
+  py::class_<Rprop, NativeOptimizer, std::shared_ptr<Rprop>>(m, "Rprop").def(py::init<>());
+  py::class_<Adadelta, NativeOptimizer, std::shared_ptr<Adadelta>>(m, "Adadelta")
       .def(py::init<>());
 
 #ifdef HOTLOOP_WITH_CUDA
   // Graph engine (built by hotloop.graph). The graphs are torch.cuda.CUDAGraph objects: torch binds
   // at::cuda::CUDAGraph with a shared_ptr holder, and this module shares torch's pybind11 internals.
-  py::class_<GraphStep, Step, std::shared_ptr<GraphStep>>(m, "GraphStep")
+  py::class_<GraphStep, DeviceStep, std::shared_ptr<GraphStep>>(m, "GraphStep")
       .def(py::init<std::vector<std::shared_ptr<at::cuda::CUDAGraph>>, std::vector<at::Tensor>, at::Tensor,
                     at::Tensor, bool, std::vector<at::Tensor>>(),
            py::arg("graphs"), py::arg("index_buffers"), py::arg("sums"), py::arg("found_inf"),

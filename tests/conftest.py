@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
+import inspect
+import re
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -121,3 +125,44 @@ class TwoInputs(nn.Module):
 
 def mlp(inputs: int = 16, hidden: int = 32, outputs: int = 1) -> nn.Module:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+
+
+# Optional packages some documented functions import; their doctests are skipped where these are missing.
+OPTIONAL_PACKAGES = {"matplotlib", "pandas", "tqdm", "tensorboard", "IPython"}
+_IMPORT = re.compile(r"^\s*(?:from|import)\s+([\w.]+)", re.MULTILINE)
+
+
+def _optional_packages_used(doctest_name: str) -> set[str]:
+    """The optional packages the documented object imports (``hotloop.sinks.collect_pd`` -> {"pandas"})."""
+    obj: object = None
+    parts = doctest_name.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr, None)
+        break
+    try:
+        source = inspect.getsource(obj) if obj is not None and not inspect.ismodule(obj) else ""
+    except (OSError, TypeError):
+        source = ""
+    used = set()
+    for name in _IMPORT.findall(source):
+        top = "tensorboard" if name == "torch.utils.tensorboard" else name.split(".")[0]
+        if top in OPTIONAL_PACKAGES:
+            used.add(top)
+    return used
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, naming the package, the doctests of functions whose optional package is not installed."""
+    for item in items:
+        if type(item).__name__ != "DoctestItem":
+            continue
+        used = _optional_packages_used(item.name)
+        missing = sorted(p for p in used if importlib.util.find_spec(p) is None)
+        if missing:
+            reason = f"the example needs {', '.join(missing)} (not installed)"
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -39,23 +39,19 @@ GraphStep::GraphStep(std::vector<std::shared_ptr<at::cuda::CUDAGraph>> graphs, s
   TORCH_CHECK(found_inf_.defined() && found_inf_.is_cuda() && found_inf_.scalar_type() == at::kFloat &&
                   found_inf_.numel() == 1,
               "found_inf must be a one-element float32 CUDA tensor");
-  guard_nonfinite_ = captured_guard_;
 }
 
-at::Tensor GraphStep::run(const std::vector<at::Tensor>& /*batch*/) {
-  TORCH_CHECK(false, "GraphStep gathers its own batches: the Loop must call run_indices()");
-}
-
-void GraphStep::begin_window() {
+void GraphStep::begin_window(bool guard_nonfinite) {
   // The guard is part of the captured graphs (found_inf goes to the optimizer or not).
-  TORCH_CHECK(guard_nonfinite_ == captured_guard_, "the graphs were captured with the non-finite guard ",
-              captured_guard_ ? "on" : "off", "; it cannot be switched ", guard_nonfinite_ ? "on" : "off",
+  TORCH_CHECK(guard_nonfinite == captured_guard_, "the graphs were captured with the non-finite guard ",
+              captured_guard_ ? "on" : "off", "; it cannot be switched ", guard_nonfinite ? "on" : "off",
               " afterwards");
   sums_.zero_();
   found_inf_.zero_();
 }
 
-void GraphStep::run_indices(const at::Tensor& indices) {
+StepOutcome GraphStep::run(Dataset& data) {
+  const at::Tensor indices = data.next_indices();
   const int64_t count = indices.size(0);
   for (size_t i = 0; i < graphs_.size(); ++i) {
     const at::Tensor& buffer = index_buffers_[i];
@@ -70,17 +66,19 @@ void GraphStep::run_indices(const at::Tensor& indices) {
                                    cudaMemcpyDeviceToDevice, stream));
     graphs_[i]->replay();
     ++replays_;
-    return;
+    StepOutcome outcome;
+    outcome.samples = count;
+    return outcome;
   }
   TORCH_CHECK(false, "no graph was captured for a batch of ", count, " samples");
 }
 
-DeviceWindow GraphStep::end_window() {
+WindowTotals GraphStep::end_window() {
   // The window's one synchronisation.
   const at::Tensor host = at::cat({sums_, found_inf_.reshape({1}).to(at::kDouble)}).cpu();
   const double* values = host.const_data_ptr<double>();
   const int64_t n = host.size(0);
-  DeviceWindow window;
+  WindowTotals window;
   window.loss_sum = values[0];
   window.applied_steps = std::llround(values[1]);
   for (int64_t i = 2; i < n - 1; ++i) window.metric_sums.push_back(values[i]);

@@ -13,7 +13,7 @@
 
 namespace hotloop {
 
-class GraphStep final : public Step {
+class GraphStep final : public DeviceStep {
  public:
   // graphs[i] trains on a batch of index_buffers[i].size(0) samples whose indices it reads from
   // index_buffers[i] (long, on the graph's device). Every replay adds into sums = [loss sum, applied
@@ -24,11 +24,11 @@ class GraphStep final : public Step {
   GraphStep(std::vector<std::shared_ptr<at::cuda::CUDAGraph>> graphs, std::vector<at::Tensor> index_buffers,
             at::Tensor sums, at::Tensor found_inf, bool guard_nonfinite, std::vector<at::Tensor> keep_alive);
 
-  at::Tensor run(const std::vector<at::Tensor>& batch) override;
-  bool takes_indices() const override { return true; }
-  void begin_window() override;
-  void run_indices(const at::Tensor& indices) override;
-  DeviceWindow end_window() override;
+  // The guard must be the one the graphs were captured with.
+  void begin_window(bool guard_nonfinite) override;
+  // Copies the next batch's sample indices into the index buffer of its size and replays that graph.
+  StepOutcome run(Dataset& data) override;
+  WindowTotals end_window() override;
 
   int64_t replays() const { return replays_; }
 

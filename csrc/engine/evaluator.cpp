@@ -1,14 +1,9 @@
 // Evaluator: slices consecutive batches, runs the graph for each size and accumulates on the device.
 #include "engine/evaluator.h"
 
-#include <pybind11/pybind11.h>
-
 #include <algorithm>
 
-#include "engine/signal_check.h"
-
 namespace hotloop {
-namespace py = pybind11;
 
 Evaluator::Evaluator(std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> graphs,
                      std::vector<at::Tensor> model_tensors, std::vector<at::Tensor> data, int64_t batch_size)
@@ -54,37 +49,35 @@ OpGraph& Evaluator::graph_for(int64_t size) {
   TORCH_CHECK(false, "Evaluator: no graph was captured for batches of ", size, " samples");
 }
 
-std::vector<double> Evaluator::run() {
+std::vector<double> Evaluator::run(const PollFn& poll) {
   std::vector<double> means;
-  py::gil_scoped_release no_gil;
   const auto first_data_input = static_cast<int64_t>(model_tensors_.size());
   std::vector<at::Tensor> sums;
-  SignalCheck signals;
+  std::vector<at::Tensor> outputs;
   for (int64_t start = 0; start < num_samples_; start += batch_size_) {
     const int64_t size = std::min(batch_size_, num_samples_ - start);
     OpGraph& graph = graph_for(size);
     for (size_t i = 0; i < data_.size(); ++i)
       graph.bind_input(first_data_input + static_cast<int64_t>(i), data_[i].narrow(0, start, size));
-    graph.run();
+    graph.run(outputs);
     if (sums.empty()) {
       for (int64_t m = 0; m < num_metrics_; ++m) {
-        const auto& value = graph.output(m);
+        const auto& value = outputs[m];
         // mps has no float64
         const auto wide = value.device().type() == c10::DeviceType::MPS ? at::kFloat : at::kDouble;
         sums.push_back(at::zeros({}, value.options().dtype(wide)));
       }
     }
     for (int64_t m = 0; m < num_metrics_; ++m) {
-      const auto& value = graph.output(m);
+      const auto& value = outputs[m];
       TORCH_CHECK(value.numel() == 1, "Evaluator: metric ", m, " returned ", value.numel(), " values for a batch");
       sums[m].add_(value.reshape({}), static_cast<double>(size));
     }
     ++batches_run_;
-    signals.poll();
+    if (poll) poll();
   }
-  // Hold no batch views or metric values between passes.
+  // Hold no batch views between passes.
   for (auto& [size, graph] : graphs_) {
-    graph->release_outputs();
     for (size_t i = 0; i < data_.size(); ++i) graph->bind_input(first_data_input + static_cast<int64_t>(i), at::Tensor());
   }
   const bool one_device = std::all_of(sums.begin(), sums.end(),

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/interrupt.h"
 #include "engine/op_graph.h"
 
 namespace hotloop {
@@ -24,9 +25,9 @@ class Evaluator {
   // Points the graphs at other parameter and buffer tensors laid out like the captured ones.
   void bind(std::vector<at::Tensor> model_tensors);
   // One pass over the data: each metric's sample-weighted mean over the batches, summed in float64 on
-  // the metrics' device and read with one synchronisation. Called with the GIL held; releases it and
-  // raises KeyboardInterrupt between two batches on Ctrl-C.
-  std::vector<double> run();
+  // the metrics' device and read with one synchronisation. `poll` runs between batches and may throw to
+  // stop the pass.
+  std::vector<double> run(const PollFn& poll = {});
 
   int64_t num_samples() const { return num_samples_; }
   int64_t batch_size() const { return batch_size_; }

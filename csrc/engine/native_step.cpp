@@ -3,22 +3,28 @@
 
 #include <ATen/core/LegacyTypeDispatch.h>
 
-#include <cmath>
-
 namespace hotloop {
+
+namespace {
+bool params_on_cpu(const std::vector<at::Tensor>& params) {
+  return params.empty() || params.front().device().is_cpu();
+}
+}  // namespace
 
 NativeStep::NativeStep(std::vector<at::Tensor> params, std::vector<at::Tensor> state,
                        std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> graphs,
                        std::vector<std::vector<int64_t>> sample_shapes, std::vector<bool> accumulate,
-                       std::shared_ptr<NativeOptimizer> optimizer)
+                       std::shared_ptr<NativeOptimizer> optimizer, std::optional<bool> account_on_device)
     : params_(std::move(params)),
       state_(std::move(state)),
       graphs_(std::move(graphs)),
       sample_shapes_(std::move(sample_shapes)),
       accumulate_(std::move(accumulate)),
-      optimizer_(std::move(optimizer)) {
+      optimizer_(std::move(optimizer)),
+      account_(account_on_device.value_or(!params_on_cpu(params_))) {
   TORCH_CHECK(optimizer_ != nullptr, "NativeStep needs an optimizer");
-  TORCH_CHECK(accumulate_.size() == params_.size(), "NativeStep: accumulate needs one flag per parameter");
+  TORCH_CHECK(accumulate_.size() == params_.size(), "NativeStep: accumulate needs one flag per parameter, got ",
+              accumulate_.size(), " for ", params_.size(), " parameters");
   check_graphs(graphs_);
   bind(params_, state_);
   grads_.resize(params_.size());
@@ -64,7 +70,8 @@ void NativeStep::bind(std::vector<at::Tensor> params, std::vector<at::Tensor> st
 }
 
 void NativeStep::set_accumulate(std::vector<bool> accumulate) {
-  TORCH_CHECK(accumulate.size() == params_.size(), "NativeStep: accumulate needs one flag per parameter");
+  TORCH_CHECK(accumulate.size() == params_.size(), "NativeStep: accumulate needs one flag per parameter, got ",
+              accumulate.size(), " for ", params_.size(), " parameters");
   accumulate_ = std::move(accumulate);
 }
 
@@ -85,37 +92,73 @@ void NativeStep::check_batch(const std::vector<at::Tensor>& batch) const {
   }
 }
 
-at::Tensor NativeStep::run(const std::vector<at::Tensor>& batch) {
+void NativeStep::begin_window(bool guard_nonfinite) {
+  account_.begin(guard_nonfinite);
+  window_steps_ = 0;
+  had_grad_.resize(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) had_grad_[i] = params_[i].grad().defined();
+}
+
+StepOutcome NativeStep::run(Dataset& data) {
+  const auto batch = data.next_batch();
+  StepOutcome outcome;
+  outcome.samples = batch.front().size(0);
+  outcome.rejected = !train(batch);
+  return outcome;
+}
+
+bool NativeStep::train(const std::vector<at::Tensor>& batch) {
   check_batch(batch);
-  OpGraph& graph = graph_for(batch.front().size(0));
+  const int64_t batch_size = batch.front().size(0);
+  OpGraph& graph = graph_for(batch_size);
   const auto first_batch_input = static_cast<int64_t>(params_.size() + state_.size());
   for (size_t i = 0; i < batch.size(); ++i) graph.bind_input(first_batch_input + static_cast<int64_t>(i), batch[i]);
-  graph.run();
-  const auto num_params = static_cast<int64_t>(params_.size());
-  const at::Tensor& loss = graph.output(num_params);
-  for (size_t i = 0; i < metrics_.size(); ++i) metrics_[i] = graph.output(num_params + 1 + static_cast<int64_t>(i));
+  graph.run(outputs_);
+  const size_t num_params = params_.size();
+  for (size_t i = 0; i < metrics_.size(); ++i) metrics_[i] = outputs_[num_params + 1 + i];
   // A plain loop that skips a non-finite batch leaves .grad and the optimizer untouched.
-  if (guard_nonfinite_ && !loss_is_finite(loss)) return loss;
+  if (!account_.add(outputs_[num_params], metrics_, batch_size)) return false;
 
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const at::Tensor& grad = graph.output(static_cast<int64_t>(i));
-    at::Tensor& param = params_[i];
-    at::Tensor& slot = param.mutable_grad();
-    if (accumulate_[i] && slot.defined()) {
-      slot.add_(grad);
-    } else if (grad.strides() == param.strides() && grad.sizes() == param.sizes()) {
-      slot = grad;
-    } else {
-      // torch's gradient layout contract: .grad has the parameter's strides.
-      slot = at::empty_strided(param.sizes(), param.strides(), param.options());
-      slot.copy_(grad);
-    }
-    grads_[i] = slot;
-  }
-  optimizer_->step(grads_);
+  for (size_t i = 0; i < num_params; ++i) set_grad(i, outputs_[i]);
+  optimizer_->step(grads_, account_.found_inf());
+  ++window_steps_;
   ++steps_;
-  return loss;
+  return true;
+}
+
+void NativeStep::set_grad(size_t i, const at::Tensor& grad) {
+  at::Tensor& param = params_[i];
+  at::Tensor& slot = param.mutable_grad();
+  // Set once the guard has refused a step on the device: .grad keeps the last applied step's gradient.
+  const at::Tensor& skip = account_.skip();
+  if (accumulate_[i] && slot.defined()) {
+    slot.add_(skip.defined() ? grad.masked_fill(skip, 0.0) : grad);
+  } else {
+    at::Tensor laid_out = grad;
+    if (grad.strides() != param.strides() || grad.sizes() != param.sizes()) {
+      // torch's gradient layout contract: .grad has the parameter's strides.
+      laid_out = at::empty_strided(param.sizes(), param.strides(), param.options());
+      laid_out.copy_(grad);
+    }
+    slot = skip.defined() && slot.defined() ? at::where(skip, slot, laid_out) : laid_out;
+  }
+  grads_[i] = slot;
+}
+
+WindowTotals NativeStep::end_window() {
+  WindowTotals totals = account_.end();
+  if (!account_.on_device() || !totals.nonfinite) return totals;
+  const int64_t skipped = window_steps_ - totals.applied_steps;
+  optimizer_->settle_window(skipped);
+  steps_ -= skipped;
+  window_steps_ = totals.applied_steps;
+  if (totals.applied_steps == 0) {
+    // A .grad first set by a refused step is not one a plain loop would have.
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (!had_grad_[i]) params_[i].mutable_grad() = at::Tensor();
+  }
+  return totals;
 }
 
 }  // namespace hotloop

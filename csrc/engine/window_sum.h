@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 namespace hotloop {
@@ -16,8 +17,14 @@ inline std::optional<double> read_cpu_scalar(const at::Tensor& value) {
   return std::nullopt;
 }
 
+// Whether a single-value loss is finite: read in place for a CPU float, else a synchronising read.
+inline bool loss_is_finite(const at::Tensor& loss) {
+  if (auto value = read_cpu_scalar(loss)) return std::isfinite(*value);
+  return std::isfinite(loss.item<double>());
+}
+
 // CPU values are summed in a host double; values on an accelerator in a float64 device tensor, read once
-// when the window ends (its one synchronisation).
+// when the window ends.
 class WindowSum {
  public:
   void reset() {

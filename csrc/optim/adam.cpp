@@ -71,11 +71,16 @@ void Adam::step_group(OptimizerGroup& group, GroupPlan& plan, const std::vector<
     increment_steps(b.kernel_steps);
     if (group.decoupled_weight_decay) {
       at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.kernel_steps, lr,
-                        group.beta1, group.beta2, group.weight_decay, group.eps, group.amsgrad, group.maximize);
+                        group.beta1, group.beta2, group.weight_decay, group.eps, group.amsgrad, group.maximize,
+                        /*grad_scale=*/std::nullopt, optional_found_inf());
     } else {
       at::_fused_adam_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.kernel_steps, lr,
-                       group.beta1, group.beta2, group.weight_decay, group.eps, group.amsgrad, group.maximize);
+                       group.beta1, group.beta2, group.weight_decay, group.eps, group.amsgrad, group.maximize,
+                       /*grad_scale=*/std::nullopt, optional_found_inf());
     }
+    // as torch.optim's _fused_adam: a skipped update does not count as a step
+    if (found_inf_.defined())
+      at::_foreach_sub_(b.kernel_steps, std::vector<at::Tensor>(b.kernel_steps.size(), found_inf_.reshape({})));
     for (at::Tensor& g : b.grads) g = at::Tensor();
   }
 

@@ -49,7 +49,7 @@ void NativeOptimizer::configure(std::vector<OptimizerGroup> groups, int64_t num_
   steps_in_window_ = 0;
 }
 
-void NativeOptimizer::step(const std::vector<at::Tensor>& grads) {
+void NativeOptimizer::step(const std::vector<at::Tensor>& grads, const at::Tensor& found_inf) {
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == num_grads_, "the optimizer was configured for ",
               num_grads_, " gradients, got ", grads.size());
   // Everything is checked before anything is updated, so a failed step leaves the state untouched.
@@ -71,7 +71,27 @@ void NativeOptimizer::step(const std::vector<at::Tensor>& grads) {
                   steps_in_window_ + 1, " is one more");
     }
   }
+  TORCH_CHECK(!found_inf.defined() || (found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat),
+              "found_inf must be a one-element float32 tensor, got ", found_inf.toString(), found_inf.sizes());
   at::NoGradGuard no_grad;
+  // The one-by-one updates are plain ATen ops: under found_inf they run and are undone where it is set.
+  std::vector<at::Tensor> touched, saved;
+  if (found_inf.defined()) {
+    TORCH_CHECK(skips_on_device(), "this native optimizer cannot skip a step on the device (found_inf); "
+                "only SGD, Adam and AdamW can");
+    for (size_t gi = 0; gi < groups_.size(); ++gi) {
+      const OptimizerGroup& group = groups_[gi];
+      for (const auto* list : {&group.params, &group.momentum_buffers, &group.exp_avgs, &group.exp_avg_sqs,
+                               &group.max_exp_avg_sqs}) {
+        for (size_t i : plans_[gi].one_by_one) {
+          if (i >= list->size()) continue;
+          touched.push_back((*list)[i]);
+          saved.push_back((*list)[i].clone());
+        }
+      }
+    }
+  }
+  found_inf_ = found_inf;
   // The updates are torch.optim's no_grad in-place ops: skipping the autograd kernels saves a dispatch hop
   // per op (version counters are still bumped, below autograd).
   at::AutoDispatchBelowAutograd below_autograd;
@@ -81,7 +101,27 @@ void NativeOptimizer::step(const std::vector<at::Tensor>& grads) {
     if (!group.momentum_per_step.empty()) set_momentum(group, group.momentum_per_step[steps_in_window_]);
     step_group(group, plans_[gi], grads, lr);
   }
+  found_inf_ = at::Tensor();
+  if (!touched.empty()) {
+    const at::Tensor skip = found_inf.reshape({}).ne(0);
+    for (size_t k = 0; k < touched.size(); ++k) touched[k].copy_(at::where(skip, saved[k], touched[k]));
+  }
   ++steps_in_window_;
+}
+
+void NativeOptimizer::settle_window(int64_t skipped) {
+  TORCH_CHECK(skipped >= 0 && skipped <= steps_in_window_, "settle_window: ", skipped,
+              " skipped steps, but the window took ", steps_in_window_);
+  if (skipped == 0) return;
+  steps_in_window_ -= skipped;
+  at::NoGradGuard no_grad;
+  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+    for (const Bucket& b : plans_[gi].buckets)
+      for (const at::Tensor& s : b.copied_steps) s.sub_(skipped);
+    const OptimizerGroup& group = groups_[gi];
+    if (group.steps.empty()) continue;
+    for (size_t i : plans_[gi].one_by_one) group.steps[i].sub_(skipped);
+  }
 }
 
 void NativeOptimizer::increment_steps(const std::vector<at::Tensor>& steps) {

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -73,8 +74,16 @@ class NativeOptimizer {
   // Validates everything step() relies on, so step() itself only fails on bad gradients.
   void configure(std::vector<OptimizerGroup> groups, int64_t num_grads);
 
-  // One optimizer step. grads may hold undefined tensors for slots no group uses.
-  void step(const std::vector<at::Tensor>& grads);
+  // One optimizer step. grads may hold undefined tensors for slots no group uses. found_inf (0-dim
+  // float32 on the params' device, optional): where it is set the update is skipped on the device, as
+  // torch.optim's fused steps skip it for GradScaler; settle_window() then corrects the host's counts.
+  void step(const std::vector<at::Tensor>& grads, const at::Tensor& found_inf = {});
+  // The last `skipped` steps of the window were skipped through found_inf: takes them off the window's
+  // step count and off the step counters kept on the host.
+  void settle_window(int64_t skipped);
+
+  // Whether step() can take a found_inf (SGD, Adam and AdamW; the other optimizers' states are not undone).
+  virtual bool skips_on_device() const { return false; }
 
   // Steps taken since the last configure().
   int64_t steps_in_window() const { return steps_in_window_; }
@@ -123,17 +132,23 @@ class NativeOptimizer {
   virtual void step_group(OptimizerGroup& group, GroupPlan& plan, const std::vector<at::Tensor>& grads,
                           double lr) = 0;
 
+  std::optional<at::Tensor> optional_found_inf() const {
+    return found_inf_.defined() ? std::optional<at::Tensor>(found_inf_.reshape({})) : std::nullopt;
+  }
+
   bool fused_;
   std::vector<OptimizerGroup> groups_;
   std::vector<GroupPlan> plans_;
   int64_t num_grads_ = 0;
   int64_t steps_in_window_ = 0;
+  at::Tensor found_inf_;  // the current step's, for the fused kernels (undefined: apply the update)
 };
 
 // torch.optim.SGD.
 class SGD final : public NativeOptimizer {
  public:
   explicit SGD(bool fused = true) : NativeOptimizer(fused) {}
+  bool skips_on_device() const override { return true; }
 
  protected:
   void check_group(const OptimizerGroup& group) const override;
@@ -148,6 +163,7 @@ class SGD final : public NativeOptimizer {
 class Adam final : public NativeOptimizer {
  public:
   explicit Adam(bool fused = true) : NativeOptimizer(fused) {}
+  bool skips_on_device() const override { return true; }
 
  protected:
   void check_group(const OptimizerGroup& group) const override;

@@ -63,7 +63,7 @@ void SGD::step_group(OptimizerGroup& group, GroupPlan& plan, const std::vector<a
     if (!(any_new && any_old)) {
       at::_fused_sgd_(b.params, b.grads, with_momentum ? at::TensorList(b.momentum_buffers) : at::TensorList(),
                       group.weight_decay, group.momentum, lr, group.dampening, group.nesterov, group.maximize,
-                      /*is_first_step=*/any_new);
+                      /*is_first_step=*/any_new, /*grad_scale=*/std::nullopt, optional_found_inf());
     } else {
       // The kernel's first-step flag covers a whole call: split the bucket once, on the step that needs it.
       for (bool first : {true, false}) {
@@ -75,7 +75,7 @@ void SGD::step_group(OptimizerGroup& group, GroupPlan& plan, const std::vector<a
           gs.push_back(b.grads[j]);
         }
         at::_fused_sgd_(params, gs, bufs, group.weight_decay, group.momentum, lr, group.dampening, group.nesterov,
-                        group.maximize, first);
+                        group.maximize, first, /*grad_scale=*/std::nullopt, optional_found_inf());
       }
     }
     if (any_new) {

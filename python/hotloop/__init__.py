@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from . import _native
 from ._shared import SlowPathWarning
 from .batching import iter_batches
 from .evaluation import BestModel, best_model, evaluate, validation_loss
@@ -14,7 +15,7 @@ from .plotting import LivePlot, live_plot, plot_history
 from .sinks import collect, collect_csv, collect_jsonl, collect_pd, tensorboard
 from .stages import augment, early_stop, ema, pipe, print_keys, progress, take, tap, tick
 
-__version__ = "0.1.0"
+__version__ = _native.VERSION
 
 __all__ = [
     "Event",

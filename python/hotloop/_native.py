@@ -1,6 +1,9 @@
-"""Loads the compiled extension, refusing one built against a different torch with a clear message."""
+"""Loads the compiled extension, refusing one built against a different torch with a clear message, and the
+package version the build wrote (from pyproject.toml)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -11,7 +14,7 @@ _REBUILD_HINT = (
 )
 
 
-def _load():
+def _load() -> tuple[Any, str]:
     try:
         from . import _build_info
     except ImportError as exc:
@@ -27,7 +30,7 @@ def _load():
         from . import _C
     except ImportError as exc:
         raise ImportError(f"hotloop._C failed to load: {exc}. " + _REBUILD_HINT) from exc
-    return _C
+    return _C, _build_info.VERSION
 
 
-_C = _load()
+_C, VERSION = _load()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.optim import ASGD, Adadelta, Adagrad, Adamax, NAdam, Optimizer, RAdam, RMSprop, Rprop
@@ -19,7 +20,7 @@ from ._native import _C
 
 @dataclass(frozen=True)
 class Spec:
-    handle: Callable[[bool], _C.NativeOptimizer]  # fused -> a new native stepper
+    handle: Callable[[bool], tuple[type, dict[str, Any]]]  # fused -> (the _C stepper class, its options)
     # the group key a cycling scheduler (OneCycleLR, CyclicLR) changes per step: "momentum", "betas" or None
     momentum_key: str | None
     options: Callable[[dict], dict[str, float]]
@@ -95,7 +96,7 @@ def _rprop_state(optimizer, group, p):
 
 SPECS: dict[type, Spec] = {
     RMSprop: Spec(
-        handle=lambda fused: _C.RMSprop(),
+        handle=lambda fused: (_C.RMSprop, {}),
         momentum_key="momentum",
         options=lambda g: {
             "alpha": float(g["alpha"]),
@@ -107,21 +108,21 @@ SPECS: dict[type, Spec] = {
         new_state=_rmsprop_state,
     ),
     Adagrad: Spec(
-        handle=lambda fused: _C.Adagrad(fused=fused),
+        handle=lambda fused: (_C.Adagrad, {"fused": fused}),
         momentum_key=None,
         options=lambda g: {"lr_decay": float(g["lr_decay"]), "eps": float(g["eps"])},
         state_keys=lambda g: ("step", "sum"),
         new_state=_adagrad_state,
     ),
     Adamax: Spec(
-        handle=lambda fused: _C.Adamax(),
+        handle=lambda fused: (_C.Adamax, {}),
         momentum_key="betas",
         options=_betas,
         state_keys=lambda g: ("step", "exp_avg", "exp_inf"),
         new_state=lambda o, g, p: {"step": _cpu_step(), "exp_avg": _zeros(p), "exp_inf": _zeros(p)},
     ),
     NAdam: Spec(
-        handle=lambda fused: _C.NAdam(),
+        handle=lambda fused: (_C.NAdam, {}),
         momentum_key="betas",
         options=lambda g: {
             **_betas(g),
@@ -137,14 +138,14 @@ SPECS: dict[type, Spec] = {
         },
     ),
     RAdam: Spec(
-        handle=lambda fused: _C.RAdam(),
+        handle=lambda fused: (_C.RAdam, {}),
         momentum_key="betas",
         options=lambda g: {**_betas(g), "decoupled_weight_decay": float(bool(g["decoupled_weight_decay"]))},
         state_keys=lambda g: ("step", "exp_avg", "exp_avg_sq"),
         new_state=lambda o, g, p: {"step": _cpu_step(), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)},
     ),
     ASGD: Spec(
-        handle=lambda fused: _C.ASGD(),
+        handle=lambda fused: (_C.ASGD, {}),
         momentum_key=None,
         options=lambda g: {
             "lambd": float(g["lambd"]),
@@ -156,7 +157,7 @@ SPECS: dict[type, Spec] = {
         new_state=_asgd_state,
     ),
     Rprop: Spec(
-        handle=lambda fused: _C.Rprop(),
+        handle=lambda fused: (_C.Rprop, {}),
         momentum_key=None,
         options=lambda g: {
             "etaminus": float(g["etas"][0]),
@@ -168,7 +169,7 @@ SPECS: dict[type, Spec] = {
         new_state=_rprop_state,
     ),
     Adadelta: Spec(
-        handle=lambda fused: _C.Adadelta(),
+        handle=lambda fused: (_C.Adadelta, {}),
         momentum_key=None,
         options=lambda g: {"rho": float(g["rho"]), "eps": float(g["eps"])},
         state_keys=lambda g: ("step", "square_avg", "acc_delta"),

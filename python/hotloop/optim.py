@@ -24,8 +24,10 @@ So changing ``lr``, stepping a scheduler, saving or loading a state dict between
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.optim import ASGD, SGD, Adam, AdamW, Optimizer, SparseAdam
@@ -34,6 +36,8 @@ from ._native import _C
 from ._optim_specs import SPECS, scalar_dtype
 
 NATIVE_OPTIMIZERS = (SGD, Adam, AdamW, *SPECS)
+# Their native steps take a found_inf flag: the non-finite guard off the CPU.
+SKIPS_ON_DEVICE = (SGD, Adam, AdamW)
 
 
 def native_optimizer(
@@ -54,11 +58,27 @@ def native_optimizer(
         return None, reason
     kind = type(optimizer)
     if kind in SPECS:
-        handle = SPECS[kind].handle(fused)
+        native, options = SPECS[kind].handle(fused)
     else:
-        handle = _C.SGD(fused=fused) if kind is SGD else _C.Adam(fused=fused)
-    handle._created_state = []
-    return handle, None
+        native, options = (_C.SGD if kind is SGD else _C.Adam), {"fused": fused}
+    return _with_window_state(native)(**options), None
+
+
+class _WindowState:
+    """What a native optimizer keeps on the Python side: the optimizer state ``configure_window`` created,
+    which ``finish_window`` removes again when the window took no step."""
+
+    _created_state: list[tuple[torch.Tensor, str | None]]
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._created_state = []
+
+
+@functools.cache
+def _with_window_state(native: type) -> type:
+    """``native`` (a _C optimizer class) with the Python-side window state, as a subclass of both."""
+    return type(native.__name__, (_WindowState, native), {})
 
 
 def configure_window(

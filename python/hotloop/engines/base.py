@@ -14,7 +14,7 @@ class EngineRun:
     """A built engine, as the session drives it."""
 
     name: str
-    step: Any  # a _C.Step the native Loop runs once per batch
+    step: Any  # a _C.HostStep (python) or _C.DeviceStep (native, graph): the Loop runs it once per batch
     # Before each Loop.run, with the number of steps the window will take unless it stops early (the engine
     # reads lr and the user's objects afresh); and after it, even when it raised.
     begin_window: Callable[[int], None] | None = None

@@ -20,6 +20,12 @@ class NativeEngine:
     def refuse(self, plan: Plan) -> str | None:
         if plan.amp is not None:
             return "it does not run mixed precision (amp)"
+        kind = type(plan.optimizer)
+        if plan.device.type != "cpu" and plan.guard_nonfinite and kind not in optim.SKIPS_ON_DEVICE:
+            return (
+                f"off the CPU the non-finite guard skips steps on the device, which {kind.__name__} cannot "
+                "(only SGD, Adam and AdamW can); pass on_nonfinite='continue' to run it natively"
+            )
         return optim.native_refusal(plan.optimizer)
 
     def build(self, plan: Plan) -> EngineRun:

@@ -1,5 +1,5 @@
 // PythonStep: takes the GIL for each batch and calls step_fn(*batch) -> loss tensor.
-#include "engine/python_step.h"
+#include "python/python_step.h"
 
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>

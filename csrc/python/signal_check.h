@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 
 #include <chrono>
+#include <memory>
+
+#include "engine/interrupt.h"
 
 namespace hotloop {
 
@@ -28,5 +31,10 @@ class SignalCheck {
   using Clock = std::chrono::steady_clock;
   Clock::time_point next_ = Clock::now() + kInterval;
 };
+
+// The PollFn the bindings hand to a native run: Python's signal handlers every few milliseconds.
+inline PollFn python_signal_poll() {
+  return [check = std::make_shared<SignalCheck>()] { check->poll(); };
+}
 
 }  // namespace hotloop

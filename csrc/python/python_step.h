@@ -7,13 +7,13 @@
 
 namespace hotloop {
 
-class PythonStep final : public Step {
+class PythonStep final : public HostStep {
  public:
   explicit PythonStep(pybind11::function step_fn);
   ~PythonStep() override;
   // step_fn(*batch) returns the loss tensor, or a tuple (loss, metric, ...) of 0-dim tensors.
   at::Tensor run(const std::vector<at::Tensor>& batch) override;
-  std::vector<at::Tensor> last_metrics() const override { return metrics_; }
+  const std::vector<at::Tensor>& last_metrics() const override { return metrics_; }
 
  private:
   pybind11::function step_fn_;

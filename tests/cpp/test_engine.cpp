@@ -1,0 +1,318 @@
+// The engine without Python: OpGraph against ATen, Dataset against randperm, the native optimizers against
+// hand-computed updates, and the on-device window accounting against the host one (run here on CPU tensors).
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "engine/loop.h"
+#include "engine/native_step.h"
+#include "engine/op_graph.h"
+#include "optim/optimizer.h"
+
+using namespace hotloop;
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond)                                                                      \
+  do {                                                                                    \
+    if (!(cond)) {                                                                        \
+      ++failures;                                                                         \
+      std::fprintf(stderr, "  %s:%d: expected %s\n", __FILE__, __LINE__, #cond);          \
+    }                                                                                     \
+  } while (0)
+
+#define EXPECT_THROWS(expr)                                                               \
+  do {                                                                                    \
+    bool threw = false;                                                                   \
+    try {                                                                                 \
+      expr;                                                                               \
+    } catch (const c10::Error&) {                                                         \
+      threw = true;                                                                       \
+    }                                                                                     \
+    if (!threw) {                                                                         \
+      ++failures;                                                                         \
+      std::fprintf(stderr, "  %s:%d: expected %s to throw\n", __FILE__, __LINE__, #expr); \
+    }                                                                                     \
+  } while (0)
+
+bool same(const at::Tensor& a, const at::Tensor& b) {
+  if (a.defined() != b.defined()) return false;
+  return !a.defined() || (a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && at::equal(a, b));
+}
+
+bool close(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && at::allclose(a, b, 1e-6, 1e-6);
+}
+
+OpSpec op(std::string name, std::string overload, std::vector<OpArg> args, std::vector<int64_t> results,
+          std::vector<int64_t> release = {}) {
+  return OpSpec{std::move(name), std::move(overload), std::move(args), std::move(results), std::move(release), -1};
+}
+
+void op_graph_matches_aten() {
+  const auto x = at::randn({4, 3});
+  const auto w = at::randn({3, 5});
+  const auto b = at::randn({5});
+  OpGraph graph(3);
+  graph.reserve_slots(7);
+  graph.add_op(op("aten::mm", "", {OpArg::of_slot(0), OpArg::of_slot(1)}, {3}));
+  graph.add_op(op("aten::add", "Tensor", {OpArg::of_slot(3), OpArg::of_slot(2), OpArg::of_constant(2.0)}, {4}, {3}));
+  graph.add_op(op("aten::relu", "", {OpArg::of_slot(4)}, {5}, {4}));
+  // A number where a Tensor goes is a wrapped scalar: the result stays float32.
+  graph.add_op(op("aten::mul", "Tensor", {OpArg::of_slot(5), OpArg::of_constant(int64_t{3})}, {6}, {5}));
+  graph.set_outputs({6}, {false});
+  EXPECT(graph.num_outputs() == 1);
+  EXPECT((graph.op_names() == std::vector<std::string>{"aten::mm.", "aten::add.Tensor", "aten::relu.", "aten::mul.Tensor"}));
+  const auto expected = at::relu(at::mm(x, w) + 2.0 * b) * 3;
+  for (int run = 0; run < 2; ++run) {
+    const auto outputs = graph.call({x, w, b});
+    EXPECT(outputs.size() == 1);
+    EXPECT(outputs[0].scalar_type() == at::kFloat);
+    EXPECT(close(outputs[0], expected));
+  }
+}
+
+void op_graph_defaults_and_lists() {
+  const auto a = at::randn({2, 3});
+  const auto b = at::randn({2, 3});
+  OpGraph graph(2);
+  graph.reserve_slots(5);
+  graph.add_op(op("aten::cat", "", {OpArg::of_list({0, 1}), OpArg::of_constant(int64_t{1})}, {2}));
+  graph.add_op(op("aten::sum", "dim_IntList",
+                  {OpArg::of_slot(2), OpArg::of_constant(std::vector<int64_t>{0}), OpArg::of_default(),
+                   OpArg::of_default()},
+                  {3}, {2}));
+  graph.set_outputs({3}, {false});
+  EXPECT(close(graph.call({a, b})[0], at::cat({a, b}, 1).sum(0)));
+}
+
+void op_graph_rejects_bad_ops() {
+  OpGraph graph(1);
+  graph.reserve_slots(2);
+  EXPECT_THROWS(graph.add_op(op("aten::relu", "", {}, {1})));                                // argument count
+  EXPECT_THROWS(graph.add_op(op("aten::relu", "", {OpArg::of_slot(5)}, {1})));               // slot range
+  EXPECT_THROWS(graph.add_op(op("aten::relu", "", {OpArg::of_default()}, {1})));             // no default
+  EXPECT_THROWS(graph.add_op(op("aten::relu", "", {OpArg::of_list({0})}, {1})));             // not a list
+  EXPECT_THROWS(graph.add_op(op("aten::cat", "", {OpArg::of_list({-1}), OpArg::of_default()}, {1})));  // None
+  EXPECT_THROWS(graph.add_op(op("aten::relu", "", {OpArg::of_slot(0)}, {1, 1})));            // returns
+  EXPECT_THROWS(graph.add_op(op("aten::no_such_op", "", {}, {})));
+  EXPECT_THROWS(graph.set_outputs({0, 1}, {false}));
+}
+
+void dataset_batches_are_the_randperm_split() {
+  const int64_t n = 10, batch_size = 4;
+  const auto ids = at::arange(n, at::kLong).mul(10).unsqueeze(1);
+  Dataset data({ids}, batch_size, /*shuffle=*/true, /*drop_last=*/false, at::detail::createCPUGenerator(7),
+               /*reuse_buffers=*/true);
+  auto reference = at::detail::createCPUGenerator(7);
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    const auto order = at::randperm(n, reference, at::TensorOptions().dtype(at::kLong));
+    for (int64_t start = 0; start < n; start += batch_size) {
+      const int64_t count = std::min(batch_size, n - start);
+      const auto batch = data.next_batch();
+      EXPECT(batch.size() == 1);
+      EXPECT(same(batch[0], ids.index_select(0, order.narrow(0, start, count))));
+      EXPECT(data.epoch_finished() == (start + count == n));
+    }
+    EXPECT(data.epochs_completed() == epoch + 1);
+  }
+  Dataset ordered({ids}, batch_size, /*shuffle=*/false, /*drop_last=*/true, std::nullopt, false);
+  EXPECT(ordered.batches_per_epoch() == 2);
+  EXPECT(same(ordered.next_batch()[0], ids.narrow(0, 0, 4)));
+  EXPECT(same(ordered.next_indices(), at::arange(4, 8, at::kLong)));
+  EXPECT(same(ordered.next_batch()[0], ids.narrow(0, 0, 4)));
+}
+
+std::shared_ptr<NativeOptimizer> sgd(const at::Tensor& param, bool fused, double lr, double momentum) {
+  auto optimizer = std::make_shared<SGD>(fused);
+  OptimizerGroup group;
+  group.params = {param};
+  group.grad_index = {0};
+  group.lr = lr;
+  group.momentum = momentum;
+  if (momentum != 0.0) {
+    group.momentum_buffers = {at::zeros_like(param)};
+    group.buffer_is_new = {true};
+  }
+  optimizer->configure({group}, 1);
+  return optimizer;
+}
+
+std::shared_ptr<NativeOptimizer> adam(const at::Tensor& param, bool fused, double lr) {
+  auto optimizer = std::make_shared<Adam>(fused);
+  OptimizerGroup group;
+  group.params = {param};
+  group.grad_index = {0};
+  group.lr = lr;
+  group.exp_avgs = {at::zeros_like(param)};
+  group.exp_avg_sqs = {at::zeros_like(param)};
+  group.steps = {at::zeros({}, at::kFloat)};
+  optimizer->configure({group}, 1);
+  return optimizer;
+}
+
+void sgd_step_is_the_hand_computed_update() {
+  for (bool fused : {true, false}) {
+    const auto start = at::randn({5});
+    const auto g1 = at::randn({5});
+    const auto g2 = at::randn({5});
+    auto plain = start.clone();
+    auto optimizer = sgd(plain, fused, 0.1, 0.0);
+    optimizer->step({g1});
+    EXPECT(close(plain, start - 0.1 * g1));
+
+    auto with_momentum = start.clone();
+    optimizer = sgd(with_momentum, fused, 0.1, 0.9);
+    optimizer->step({g1});
+    optimizer->step({g2});
+    // torch.optim.SGD: the first buffer is the gradient, then buf = momentum * buf + grad.
+    EXPECT(close(with_momentum, start - 0.1 * g1 - 0.1 * (0.9 * g1 + g2)));
+    EXPECT(close(optimizer->groups()[0].momentum_buffers[0], 0.9 * g1 + g2));
+    EXPECT(optimizer->steps_in_window() == 2);
+    EXPECT_THROWS(optimizer->step({}));
+  }
+}
+
+// A linear model w of 3 weights with loss mean(x @ w), whose gradient is mean(x, 0), as a captured graph.
+std::shared_ptr<OpGraph> linear_mean_graph() {
+  auto graph = std::make_shared<OpGraph>(2);  // w, x
+  graph->reserve_slots(5);
+  graph->add_op(op("aten::mv", "", {OpArg::of_slot(1), OpArg::of_slot(0)}, {2}));
+  graph->add_op(op("aten::mean", "", {OpArg::of_slot(2), OpArg::of_default()}, {3}, {2}));
+  graph->add_op(op("aten::mean", "dim",
+                   {OpArg::of_slot(1), OpArg::of_constant(std::vector<int64_t>{0}), OpArg::of_default(),
+                    OpArg::of_default()},
+                   {4}));
+  graph->set_outputs({4, 3}, {false, false});  // (grad, loss)
+  return graph;
+}
+
+struct GuardedRun {
+  WindowStats stats;
+  at::Tensor weight, grad, step_count;
+  int64_t steps_in_window = 0, steps = 0, total_steps = 0;
+};
+
+GuardedRun run_guarded(const at::Tensor& x, bool use_adam, bool fused, bool on_device) {
+  auto weight = at::ones({3}).requires_grad_(true);
+  auto optimizer = use_adam ? adam(weight, fused, 0.1) : sgd(weight, fused, 0.1, 0.9);
+  auto step = std::make_shared<NativeStep>(std::vector<at::Tensor>{weight}, std::vector<at::Tensor>{},
+                                           std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>{
+                                               {2, linear_mean_graph()}},
+                                           std::vector<std::vector<int64_t>>{{3}}, std::vector<bool>{false},
+                                           optimizer, on_device);
+  auto data = std::make_shared<Dataset>(std::vector<at::Tensor>{x}, 2, false, false, std::nullopt, false);
+  Loop loop(data, std::static_pointer_cast<DeviceStep>(step));
+  loop.set_guard_nonfinite(true);
+  GuardedRun result;
+  result.stats = loop.run(3, false);
+  result.weight = weight.detach().clone();
+  result.grad = weight.grad().defined() ? weight.grad().clone() : at::Tensor();
+  if (use_adam) result.step_count = optimizer->groups()[0].steps[0].clone();
+  result.steps_in_window = optimizer->steps_in_window();
+  result.steps = step->steps();
+  result.total_steps = loop.total_steps();
+  return result;
+}
+
+void guard_on_the_device_equals_the_host_guard() {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto finite_then_nan = at::randn({6, 3});
+  finite_then_nan[3][1] = nan;  // the second batch
+  auto nan_first = at::randn({6, 3});
+  nan_first[0][0] = nan;
+  for (bool use_adam : {false, true}) {
+    for (bool fused : {true, false}) {
+      for (int first_bad : {2, 1}) {
+        const auto& x = first_bad == 2 ? finite_then_nan : nan_first;
+        const auto host = run_guarded(x, use_adam, fused, false);
+        const auto device = run_guarded(x, use_adam, fused, true);
+        std::fprintf(stderr, "  %s fused=%d first bad step %d\n", use_adam ? "adam" : "sgd", fused, first_bad);
+        EXPECT(host.stats.nonfinite_step == first_bad);
+        EXPECT(host.stats.steps == first_bad - 1);
+        for (const auto* run : {&host, &device}) {
+          EXPECT(run->stats.nonfinite_step == first_bad);
+          EXPECT(run->stats.steps == first_bad - 1);
+          EXPECT(run->stats.samples == 2 * (first_bad - 1));
+          EXPECT(run->steps_in_window == first_bad - 1);
+          EXPECT(run->steps == first_bad - 1);
+          EXPECT(run->total_steps == first_bad - 1);
+          EXPECT(run->grad.defined() == (first_bad == 2));
+          EXPECT(at::isfinite(run->weight).all().item<bool>());
+        }
+        EXPECT(same(device.weight, host.weight));
+        EXPECT(same(device.grad, host.grad));
+        EXPECT(same(device.step_count, host.step_count));
+        EXPECT(std::abs(device.stats.loss_sum - host.stats.loss_sum) < 1e-9);
+        if (first_bad == 2) {
+          const auto mean = x.narrow(0, 0, 2).mean(0);
+          EXPECT(close(host.grad, mean));
+          EXPECT(std::abs(host.stats.loss_sum - 2 * at::mv(x.narrow(0, 0, 2), at::ones({3})).mean().item<double>()) <
+                 1e-5);
+          if (!use_adam) EXPECT(close(host.weight, at::ones({3}) - 0.1 * mean));
+        } else {
+          EXPECT(same(host.weight, at::ones({3})));
+        }
+      }
+    }
+  }
+}
+
+void loop_stops_at_epoch_end_and_on_interrupt() {
+  auto weight = at::ones({3}).requires_grad_(true);
+  auto step = std::make_shared<NativeStep>(
+      std::vector<at::Tensor>{weight}, std::vector<at::Tensor>{},
+      std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>{{2, linear_mean_graph()}},
+      std::vector<std::vector<int64_t>>{{3}}, std::vector<bool>{false}, sgd(weight, true, 0.01, 0.0));
+  auto data = std::make_shared<Dataset>(std::vector<at::Tensor>{at::randn({6, 3})}, 2, true, false, std::nullopt,
+                                        true);
+  Loop loop(data, std::static_pointer_cast<DeviceStep>(step));
+  EXPECT(loop.run(100, true).steps == 3);
+  EXPECT(data->epochs_completed() == 1);
+  EXPECT_THROWS(loop.run(0, false));
+  bool interrupted = false;
+  try {
+    loop.run(100, false, [&] { loop.request_interrupt(); });
+  } catch (const Interrupted&) {
+    interrupted = true;
+  }
+  EXPECT(interrupted);
+  EXPECT(loop.total_steps() == 4);  // stopped after the step in progress
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<std::pair<const char*, std::function<void()>>> tests = {
+      {"op_graph_matches_aten", op_graph_matches_aten},
+      {"op_graph_defaults_and_lists", op_graph_defaults_and_lists},
+      {"op_graph_rejects_bad_ops", op_graph_rejects_bad_ops},
+      {"dataset_batches_are_the_randperm_split", dataset_batches_are_the_randperm_split},
+      {"sgd_step_is_the_hand_computed_update", sgd_step_is_the_hand_computed_update},
+      {"guard_on_the_device_equals_the_host_guard", guard_on_the_device_equals_the_host_guard},
+      {"loop_stops_at_epoch_end_and_on_interrupt", loop_stops_at_epoch_end_and_on_interrupt},
+  };
+  at::manual_seed(0);
+  for (const auto& [name, test] : tests) {
+    const int before = failures;
+    try {
+      test();
+    } catch (const std::exception& e) {
+      ++failures;
+      std::fprintf(stderr, "  threw: %s\n", e.what());
+    }
+    std::printf("%s %s\n", failures == before ? "PASS" : "FAIL", name);
+  }
+  std::printf("%d failed expectation(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}
