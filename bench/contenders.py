@@ -51,7 +51,8 @@ CONTENDERS = [
     ),
     Contender("graph floor", loops.graph_floor, "CUDA only: the step's kernels, one CUDA graph per window"),
 ]
-SWEEP = ("hotloop graph", "hotloop native", "hotloop python", BASELINE, FUSED, COMPILE_STEP)
+# No compile in the sweeps: one compile per sweep point would double a CPU run's length.
+SWEEP = ("hotloop graph", "hotloop native", "hotloop python", BASELINE, FUSED)
 
 
 def _key(name: str) -> str:

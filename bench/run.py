@@ -90,15 +90,26 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {time.perf_counter() - began:.1f} s", flush=True)
         return result
 
-    results = [run(w, contenders) for w in chosen]
-    swept = {label: [run(w, sweep_contenders) for w in points] for label, points in sweeps.items()}
-    env["seconds"] = round(time.perf_counter() - started, 1)
+    results: list[Result] = []
+    swept: dict[str, list[Result]] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every workload: a run stopped by a time limit keeps what it measured
+        env["seconds"] = round(time.perf_counter() - started, 1)
+        report.write_json(args.out / "results.json", results, swept, env)
+        (args.out / "results.md").write_text(report.markdown(results, swept, env))
+
+    for w in chosen:
+        results.append(run(w, contenders))
+        save()
+    for label, points in sweeps.items():
+        for w in points:
+            swept.setdefault(label, []).append(run(w, sweep_contenders))
+            save()
+    save()
 
     print("\n" + report.environment_line(env) + "\n")
     print(report.table(results + [p for points in swept.values() for p in points]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    report.write_json(args.out / "results.json", results, swept, env)
-    (args.out / "results.md").write_text(report.markdown(results, swept, env))
     written = ["results.json", "results.md"]
     charts = () if args.no_charts else (
         ("results.png", lambda p: report.bar_chart(p, results, env)),
