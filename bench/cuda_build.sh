@@ -6,19 +6,21 @@
 #   bench/cuda_build.sh PYTHON BUILD_DIR [--require-cuda]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=$1 build=$2 require=${3:-}
+py=$(command -v "$1") || { echo "no python $1" >&2; exit 2; }
+[[ $py == /* ]] || py=$PWD/$py  # absolute, not resolved: a venv's python must stay the venv's
+build=$2 require=${3:-}
 
 tool() {  # a build tool installed beside the Python (a venv, a pip install) first, else the one on PATH
   local here
-  here="$(dirname "$(command -v "$py")")/$1"
+  here="$(dirname "$py")/$1"
   if [[ -x $here ]]; then echo "$here"; else command -v "$1" || { echo "no $1 found" >&2; exit 2; }; fi
 }
 cmake=$(tool cmake)
 ninja=$(tool ninja)
 nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || true)
-echo "python: $(command -v "$py") ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
+echo "python: $py ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
 echo "cmake: $cmake; ninja: $ninja; nvcc: ${nvcc:-none}"
-args=(-S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "-DPython_EXECUTABLE=$(command -v "$py")"
+args=(-S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "-DPython_EXECUTABLE=$py"
       "-DCMAKE_MAKE_PROGRAM=$ninja")
 [[ -n $nvcc ]] && args+=("-DCMAKE_CUDA_COMPILER=$nvcc")
 "$cmake" "${args[@]}" ${CMAKE_ARGS:-} > "$build.configure.log" 2>&1 || { mkdir -p "$build"; cat "$build.configure.log"; exit 1; }
