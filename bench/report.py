@@ -26,7 +26,8 @@ def _ratio(row: dict) -> str:
 
 def table(results: Sequence[Result]) -> str:
     """The detailed plain-text table: every contender of every workload, with its spread or skip reason."""
-    head = f"{'contender':<16} {'steps/s':>9} {'min-max':>17} {'samples/s':>10} {'vs eager':>8} {'loss':>8}"
+    w = max([16] + [len(o.contender) for r in results for o in r.outcomes])
+    head = f"{'contender':<{w}} {'steps/s':>9} {'min-max':>17} {'samples/s':>10} {'vs eager':>8} {'loss':>8}"
     lines = []
     for result in results:
         point = f" [{result.param[0]} {result.param[1]}]" if result.param else ""
@@ -35,13 +36,13 @@ def table(results: Sequence[Result]) -> str:
         lines += [head, "-" * len(head)]
         for row in result.rows():
             if row["skipped"]:
-                lines.append(f"{row['contender']:<16} skipped: {row['skipped']}")
+                lines.append(f"{row['contender']:<{w}} skipped: {row['skipped']}")
                 continue
             rate, samples = row["steps_per_sec"], row["samples_per_sec"]
             spread = f"{number(rate['min'])}-{number(rate['max'])}"
             loss = "nan" if row["loss"] is None else f"{row['loss']:.4g}"
             lines.append(
-                f"{row['contender']:<16} {number(rate['median']):>9} {spread:>17} "
+                f"{row['contender']:<{w}} {number(rate['median']):>9} {spread:>17} "
                 f"{number(samples['median']):>10} {_ratio(row):>8} {loss:>8}"
             )
     return "\n".join(lines[1:])
