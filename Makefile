@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 DEV_DEPS := cmake ninja pybind11 scikit-build-core pytest hypothesis numpy scikit-learn matplotlib pandas tqdm ruff \
 	tensorboard ipython
 
-.PHONY: venv build test cpp-test demo bench lint sanitize wheel clean cuda-build cuda-test cuda-bench
+.PHONY: venv build test cpp-test demo bench lint sanitize wheel clean cuda-build cuda-compile-check gpu-check
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -64,8 +64,6 @@ sanitize: venv
 # a copy of the package (python/hotloop keeps the CPU build). Building needs nvcc, not a GPU.
 CUDA_VENV := .venv-cuda
 CUDA_TORCH_PIN ?= torch==2.14.1
-CUDA_PKG := build/cuda/pkg
-CUDA_BENCH_ARGS ?= --workloads mlp16,mlp784 --sweep none --contenders hotloop-graph,eager-loop,torch-compile,graph-floor
 
 $(CUDA_VENV)/.ready:
 	$(PYTHON) -m venv $(CUDA_VENV)
@@ -73,17 +71,33 @@ $(CUDA_VENV)/.ready:
 	touch $@
 
 cuda-build: $(CUDA_VENV)/.ready
-	$(CUDA_VENV)/bin/cmake -S . -B build/cuda -G Ninja -DCMAKE_BUILD_TYPE=Release \
-		-DPython_EXECUTABLE=$(abspath $(CUDA_VENV)/bin/python) -DCMAKE_MAKE_PROGRAM=$(abspath $(CUDA_VENV)/bin/ninja) > /dev/null
-	$(CUDA_VENV)/bin/cmake --build build/cuda
-	rm -rf $(CUDA_PKG) && mkdir -p $(CUDA_PKG) && cp -r python/hotloop $(CUDA_PKG)/
-	rm -f $(CUDA_PKG)/hotloop/_C*.so && cp build/cuda/_C*.so build/cuda/_build_info.py $(CUDA_PKG)/hotloop/
+	bench/cuda_build.sh $(CUDA_VENV)/bin/python build/cuda --require-cuda
 
-cuda-test: cuda-build
-	$(CUDA_VENV)/bin/python -m pytest -q tests/cuda tests/test_cuda_graph.py -o pythonpath=$(CUDA_PKG)
+# Compile-only check of the CUDA build against a given torch (nvcc, no GPU): a venv under build/ with that
+# torch and only the CUDA libraries `import torch` loads (pip --no-deps, no triton), then _C is built with
+# its CUDA sources and imported. TORCH=2.11.0 is the GPU machine's torch, 2.14.1 a CUDA wheel CI can get.
+TORCH ?= 2.11.0
+CUDA_CHECK := build/cuda-check-$(TORCH)
+# What torch's CUDA libraries need to load (libtorch_cuda.so's DT_NEEDED, cusparse's nvJitLink) and nvrtc,
+# which torch's CMake config links.
+CUDA_IMPORT_LIBS := nvidia-cublas nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusparse \
+	nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvshmem-cu13 nvidia-nvjitlink nvidia-cuda-nvrtc
 
-cuda-bench: cuda-build
-	PYTHONPATH=$(CUDA_PKG):. $(CUDA_VENV)/bin/python bench/run.py --device cuda $(CUDA_BENCH_ARGS)
+$(CUDA_CHECK)/venv/.ready:
+	$(PYTHON) -m venv $(CUDA_CHECK)/venv
+	$(CUDA_CHECK)/venv/bin/pip install -q --no-deps torch==$(TORCH) $(CUDA_IMPORT_LIBS)
+	$(CUDA_CHECK)/venv/bin/pip install -q cmake ninja pybind11 numpy typing-extensions sympy networkx jinja2 fsspec filelock
+	touch $@
+
+cuda-compile-check: $(CUDA_CHECK)/venv/.ready
+	bench/cuda_build.sh $(CUDA_CHECK)/venv/bin/python $(CUDA_CHECK)/build --require-cuda
+	PYTHONPATH=$(CUDA_CHECK)/build/pkg $(CUDA_CHECK)/venv/bin/python -c "import torch, hotloop; \
+		from hotloop._native import _C; assert _C.WITH_CUDA; print('torch', torch.__version__, ': _C with CUDA imports')"
+
+# The whole GPU check on the GPU machine itself, with its python3 (no network, no venv): build, CUDA tests,
+# sync count, benchmark; see bench/gpu_check.sh. On a CPU machine it is a rehearsal (CUDA tests skip).
+gpu-check:
+	PYTHON=$(PYTHON) bench/gpu_check.sh
 
 wheel: venv
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

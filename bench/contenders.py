@@ -1,4 +1,4 @@
-"""The contenders, in report order: hotloop's engines, the loops it replaces, and the raw-ops floor."""
+"""The contenders, in report order: hotloop's engines, the loops it replaces, the compiled whole step."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ from dataclasses import dataclass
 import torch
 
 from . import loops
-from .floor import raw_floor
+from .floor import compiled_step
 from .lightning_loop import lightning_trainer
 from .loops import Data, Runner
 from .workloads import Workload
 
 BASELINE = "eager loop"
+FUSED = "eager loop, fused optimizer"
+BASELINES = (BASELINE, FUSED)  # ratios are against the faster of these two, per workload
+COMPILE_BREAKS = "torch.compile (model + step, graph breaks)"
+COMPILE_STEP = "torch.compile (whole step, fullgraph)"
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class Contender:
     name: str
     setup: Callable[[Workload, Data, torch.device], Runner]
     about: str
+    aliases: tuple[str, ...] = ()
 
 
 CONTENDERS = [
@@ -28,14 +33,26 @@ CONTENDERS = [
     Contender("hotloop native", loops.hotloop_engine("native"), "fit(engine='native'): C++ op graph"),
     Contender("hotloop python", loops.hotloop_engine("python"), "fit(engine='python'): Python step"),
     Contender(BASELINE, loops.eager, "fitstream's algorithm: randperm, tensor indexing, plain step"),
+    Contender(FUSED, loops.eager_fused, "the eager loop, optimizer built with fused=True", ("eager-fused",)),
     Contender("DataLoader loop", loops.dataloader, "the same step fed by DataLoader(TensorDataset)"),
     Contender("fitstream", loops.fitstream_loop, "fitstream.epoch_stream itself"),
-    Contender("torch.compile", loops.compiled, "torch.compile of the step (reduce-overhead on CUDA)"),
+    Contender(
+        COMPILE_BREAKS,
+        loops.compiled,
+        "torch.compile of the eager step function (reduce-overhead on CUDA)",
+        ("torch-compile", "compile-breaks"),
+    ),
     Contender("Lightning", lightning_trainer, "lightning.Trainer.fit on a DataLoader"),
-    Contender("raw-ops floor", raw_floor, "the step as bare ATen calls + torch._fused_adam_"),
+    Contender(
+        COMPILE_STEP,
+        compiled_step,
+        "functional step (grad_and_value + update) compiled fullgraph=True",
+        ("compile-fullgraph", "floor"),
+    ),
     Contender("graph floor", loops.graph_floor, "CUDA only: the step's kernels, one CUDA graph per window"),
 ]
-SWEEP = ("hotloop graph", "hotloop native", "hotloop python", BASELINE, "raw-ops floor")
+# No compile in the sweeps: one compile per sweep point would double a CPU run's length.
+SWEEP = ("hotloop graph", "hotloop native", "hotloop python", BASELINE, FUSED)
 
 
 def _key(name: str) -> str:
@@ -45,17 +62,19 @@ def _key(name: str) -> str:
 def select(names: list[str] | tuple[str, ...] | None = None) -> list[Contender]:
     """The contenders named, in report order; all of them for None.
 
-    Case, spaces and punctuation are ignored (``eager-loop``, ``raw_ops_floor``), and ``hotloop`` names
-    all of hotloop's engines.
+    Case, spaces and punctuation are ignored (``eager-loop``), a contender may be named by an alias
+    (``torch-compile``, ``compile-fullgraph``, ``eager-fused``), and ``hotloop`` names all of hotloop's
+    engines.
     """
     if names is None:
         return list(CONTENDERS)
+    keys = {c.name: {_key(c.name), *map(_key, c.aliases)} for c in CONTENDERS}
     wanted = {_key(n) for n in names}
-    unknown = [n for n in names if _key(n) != "hotloop" and _key(n) not in {_key(c.name) for c in CONTENDERS}]
+    unknown = [n for n in names if _key(n) != "hotloop" and not any(_key(n) in k for k in keys.values())]
     if unknown:
         raise ValueError(f"unknown contender(s) {unknown}; choose from {[c.name for c in CONTENDERS]}")
     return [
         c
         for c in CONTENDERS
-        if _key(c.name) in wanted or ("hotloop" in wanted and c.name.startswith("hotloop"))
+        if keys[c.name] & wanted or ("hotloop" in wanted and c.name.startswith("hotloop"))
     ]

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from .contenders import BASELINE, Contender
+from .contenders import BASELINES, Contender
 from .loops import Runner, Skip
 from .workloads import Workload
 
@@ -32,6 +32,8 @@ class Outcome:
     times: list[float] = field(default_factory=list)
     loss: float | None = None  # mean training loss of the last window, to show the work was real
     skipped: str | None = None
+    setup_seconds: float | None = None  # set-up plus the first warm-up window (compiling, capturing,
+    # tracing): reported apart, never in the timed windows
 
 
 @dataclass
@@ -43,12 +45,18 @@ class Result:
     param: tuple[str, int] | None
     outcomes: list[Outcome]
 
+    def baseline(self) -> Outcome | None:
+        """The faster eager loop (plain or fused optimizer) of those that ran: what ratios are against."""
+        ran = [o for o in self.outcomes if o.contender in BASELINES and o.times]
+        return min(ran, key=lambda o: statistics.median(o.times), default=None)
+
     def rows(self) -> list[dict]:
-        """Per contender: steps/s and samples/s (median, min, max), ratio to the eager loop, loss, skip."""
-        base = next((o for o in self.outcomes if o.contender == BASELINE and o.times), None)
+        """Per contender: steps/s and samples/s (median, min, max), ratio to the faster eager loop, loss."""
+        base = self.baseline()
         rows = []
         for o in self.outcomes:
             row: dict = {"contender": o.contender, "skipped": o.skipped, "loss": o.loss}
+            row["setup_seconds"] = o.setup_seconds
             if o.times:
                 median = statistics.median(o.times)
                 rate = {
@@ -59,6 +67,7 @@ class Result:
                 row["steps_per_sec"] = rate
                 row["samples_per_sec"] = {k: v * self.batch_size for k, v in rate.items()}
                 row["vs_eager"] = statistics.median(base.times) / median if base else None
+                row["baseline"] = base.contender if base else None
                 row["repetitions"] = len(o.times)
             rows.append(row)
         return rows
@@ -113,8 +122,10 @@ def measure(
     live: list[tuple[Outcome, Runner]] = []
     try:
         for outcome, contender in zip(outcomes, contenders, strict=True):
+            began = time.perf_counter()
             try:
                 live.append((outcome, contender.setup(workload, data, device)))
+                outcome.setup_seconds = time.perf_counter() - began
             except Skip as exc:
                 outcome.skipped = str(exc)
             except Exception as exc:
@@ -139,6 +150,8 @@ def measure(
                     continue
                 if timed:
                     outcome.times.append(seconds)
+                elif number == 0:
+                    outcome.setup_seconds = (outcome.setup_seconds or 0.0) + seconds
             live = [(o, r) for o, r in live if o.skipped is None]
     finally:
         gc.unfreeze()

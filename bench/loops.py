@@ -80,6 +80,20 @@ def eager(w: Workload, data: Data, device: torch.device) -> Runner:
     return Runner(lambda: window(batches, w.steps, step, device))
 
 
+def eager_fused(w: Workload, data: Data, device: torch.device) -> Runner:
+    """The eager loop with the optimizer built ``fused=True`` (one kernel per step for all parameters)."""
+    model, optimizer, loss_fn = w.build(device)
+    try:
+        optimizer = type(optimizer)(
+            model.parameters(), **{**optimizer.defaults, "fused": True, "foreach": None}
+        )
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise Skip(f"{type(optimizer).__name__} has no fused form here: {exc}") from None
+    batches = epochs(data, w.batch_size, generator(device))
+    step = _plain_step(model, optimizer, loss_fn)
+    return Runner(lambda: window(batches, w.steps, step, device))
+
+
 def tensor_loader(data: Data, batch_size: int) -> torch.utils.data.DataLoader:
     dataset = torch.utils.data.TensorDataset(*data)
     return torch.utils.data.DataLoader(
@@ -101,7 +115,11 @@ def dataloader(w: Workload, data: Data, device: torch.device) -> Runner:
 
 
 def compiled(w: Workload, data: Data, device: torch.device) -> Runner:
-    """torch.compile of the whole step (backward is a graph break; the optimizer step is compiled too)."""
+    """torch.compile of the eager step function as written: model, loss, zero_grad, backward, step.
+
+    Dynamo breaks the graph around ``backward`` (compiled autograd is off), so the forward, the backward and
+    the optimizer step run as separate compiled pieces; ``mode="reduce-overhead"`` (CUDA graphs) on CUDA.
+    """
     model, optimizer, loss_fn = w.build(device)
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     torch._dynamo.reset()  # one code object serves every workload: start from a clean recompile budget

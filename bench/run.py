@@ -39,6 +39,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads (default: 1 on CPU, torch's default on CUDA)")
     p.add_argument("--repetitions", type=int, help="timed windows per contender (default: 3 quick, 15 full)")
     p.add_argument("--warmup", type=int, default=1, help="untimed windows per contender first (default: 1)")
+    p.add_argument("--no-charts", action="store_true", help="write no PNG charts (JSON and markdown only)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out", help="output folder")
     return p.parse_args(argv)
 
@@ -89,21 +90,35 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {time.perf_counter() - began:.1f} s", flush=True)
         return result
 
-    results = [run(w, contenders) for w in chosen]
-    swept = {label: [run(w, sweep_contenders) for w in points] for label, points in sweeps.items()}
-    env["seconds"] = round(time.perf_counter() - started, 1)
+    results: list[Result] = []
+    swept: dict[str, list[Result]] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every workload: a run stopped by a time limit keeps what it measured
+        env["seconds"] = round(time.perf_counter() - started, 1)
+        report.write_json(args.out / "results.json", results, swept, env)
+        (args.out / "results.md").write_text(report.markdown(results, swept, env))
+
+    for w in chosen:
+        results.append(run(w, contenders))
+        save()
+    for label, points in sweeps.items():
+        for w in points:
+            swept.setdefault(label, []).append(run(w, sweep_contenders))
+            save()
+    save()
 
     print("\n" + report.environment_line(env) + "\n")
     print(report.table(results + [p for points in swept.values() for p in points]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    report.write_json(args.out / "results.json", results, swept, env)
-    (args.out / "results.md").write_text(report.markdown(results, swept, env))
     written = ["results.json", "results.md"]
-    for name, draw in (("results.png", lambda p: report.bar_chart(p, results, env)),
-                       ("sweeps.png", lambda p: report.sweep_chart(p, swept, env))):  # fmt: skip
+    charts = () if args.no_charts else (
+        ("results.png", lambda p: report.bar_chart(p, results, env)),
+        ("sweeps.png", lambda p: report.sweep_chart(p, swept, env)),
+    )  # fmt: skip
+    for name, draw in charts:
         if draw(args.out / name):
             written.append(name)
-    if report.pyplot() is None:
+    if charts and report.pyplot() is None:
         print("matplotlib is not installed: no PNG charts (pip install matplotlib)")
     print(f"\n{env['seconds']:.0f} s; wrote {', '.join(written)} to {args.out}")
     return report.to_json(results, swept, env)

@@ -15,7 +15,7 @@ from torch import nn
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repository root, for `bench`
 
 from bench import report, run, workloads  # noqa: E402
-from bench.contenders import BASELINE, Contender, select  # noqa: E402
+from bench.contenders import BASELINE, COMPILE_BREAKS, COMPILE_STEP, FUSED, Contender, select  # noqa: E402
 from bench.harness import measure  # noqa: E402
 from bench.loops import Runner, Skip, installed  # noqa: E402
 
@@ -125,19 +125,49 @@ def test_warm_up_is_not_timed_and_rounds_interleave():
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_eager_loops_and_the_raw_floor_train_on_the_same_batches(loss):
-    names = [BASELINE, "fitstream", "raw-ops floor"] + (["hotloop python"] if installed("hotloop") else [])
+def test_eager_loops_train_on_the_same_batches(loss):
+    names = [BASELINE, FUSED, "fitstream"] + (["hotloop python"] if installed("hotloop") else [])
     result = measure(tiny(loss), select(names), CPU, repetitions=2)
     losses = {o.contender: o.loss for o in result.outcomes if o.skipped is None}
-    assert {BASELINE, "raw-ops floor"} <= set(losses)
+    assert {BASELINE, FUSED} <= set(losses)
     for name, value in losses.items():
         assert value == pytest.approx(losses[BASELINE], rel=1e-4), name
 
 
-def test_raw_floor_skips_models_it_was_not_written_for():
-    w = replace(tiny(), make_model=lambda: nn.Linear(4, 1))
-    (outcome,) = measure(w, select(["raw-ops floor"]), CPU, repetitions=1).outcomes
-    assert outcome.skipped == "written for a Linear-ReLU-Linear model only"
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_compiled_contenders_train_the_same_weights_on_the_same_batches(optimizer):
+    """The torch.compile contenders (the step with graph breaks, the fullgraph functional step) compile,
+    run, and train what the eager loop trains: the same window losses, with Adam and SGD with momentum."""
+    w = tiny("ce", make_optimizer=getattr(workloads, optimizer))
+    names = [BASELINE, COMPILE_STEP] + ([COMPILE_BREAKS] if optimizer == "adam" else [])
+    result = measure(w, select(names), CPU, repetitions=2)
+    losses = {o.contender: o.loss for o in result.outcomes}
+    assert [o.skipped for o in result.outcomes] == [None] * len(names)
+    for name, value in losses.items():
+        assert value == pytest.approx(losses[BASELINE], rel=1e-4), name
+    setup = {o.contender: o.setup_seconds for o in result.outcomes}
+    assert all(s is not None and s > 0 for s in setup.values())  # compiling is reported, apart
+
+
+def test_compiled_step_skips_what_it_was_not_written_for():
+    rms = replace(tiny(), make_optimizer=lambda p: torch.optim.RMSprop(p, lr=1e-3))
+    (outcome,) = measure(rms, select([COMPILE_STEP]), CPU, repetitions=1).outcomes
+    assert outcome.skipped.startswith("the functional update is written for one group of")
+    bn = replace(
+        tiny(), make_model=lambda: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    )
+    (outcome,) = measure(bn, select([COMPILE_STEP]), CPU, repetitions=1).outcomes
+    assert outcome.skipped == "written for models without buffers"
+
+
+def test_ratios_are_against_the_faster_eager_loop():
+    def sleeper(seconds: float):
+        return lambda: time.sleep(seconds) or 0.0
+
+    contenders = [fake(BASELINE, run=sleeper(0.02)), fake(FUSED, run=sleeper(0.01)), fake("x")]
+    rows = {row["contender"]: row for row in measure(tiny(), contenders, CPU, repetitions=2).rows()}
+    assert {row["baseline"] for row in rows.values()} == {FUSED}
+    assert rows[FUSED]["vs_eager"] == 1.0 and rows[BASELINE]["vs_eager"] < 1.0 < rows["x"]["vs_eager"]
 
 
 def test_hotloop_engines_run_or_say_why():
@@ -164,7 +194,8 @@ def test_lightning_runs_in_windows_and_stops():
 
 def test_select_rejects_unknown_names():
     assert [c.name for c in select(["EAGER LOOP"])] == [BASELINE]
-    assert [c.name for c in select(["raw_ops_floor", "eager-loop"])] == [BASELINE, "raw-ops floor"]
+    assert [c.name for c in select(["compile_fullgraph", "eager-loop"])] == [BASELINE, COMPILE_STEP]
+    assert [c.name for c in select(["torch-compile", "EAGER-FUSED"])] == [FUSED, COMPILE_BREAKS]
     assert [c.name for c in select(["hotloop"])] == ["hotloop graph", "hotloop native", "hotloop python"]
     with pytest.raises(ValueError, match="unknown contender"):
         select(["eager", "nope"])
@@ -197,12 +228,14 @@ def test_reports_are_well_formed(tmp_path):
     assert BASELINE in text and "broken           skipped: setup failed: RuntimeError: no" in text
     assert "[batch size 4]" in text
     data = json.loads(json.dumps(report.to_json(results, sweeps, env)))
-    assert data["baseline"] == BASELINE and data["environment"] == env
+    assert BASELINE in data["baseline"] and FUSED in data["baseline"] and data["environment"] == env
     (workload,) = data["workloads"]
     assert {r["contender"] for r in workload["results"]} == {BASELINE, "broken"}
     assert [p["param"] for p in data["sweeps"]["batch size"]] == [["batch size", 4], ["batch size", 8]]
     md = report.markdown(results, sweeps, env)
     assert "| workload | batch | eager loop |" in md and "| batch size | eager loop |" in md
+    assert "(1.00x) |" in md  # the baseline's own ratio is shown
+    assert "Seconds before timing starts" in md
     assert "- **broken** skipped on tiny: setup failed: RuntimeError: no" in md
     assert "torch " + torch.__version__ in md
     if report.pyplot() is None:
@@ -221,12 +254,12 @@ def test_number_formatting():
 
 def test_cli_end_to_end(tmp_path, capsys):
     data = run.main(
-        ["--workloads", "linreg", "--contenders", f"{BASELINE},raw-ops floor", "--sweep", "none"]
+        ["--workloads", "linreg", "--contenders", f"{BASELINE},graph floor", "--sweep", "none"]
         + ["--repetitions", "1", "--out", str(tmp_path)]
     )
     assert torch.get_num_threads() == 1  # the CPU default
     printed = capsys.readouterr().out
-    assert "linreg" in printed and "raw-ops floor    skipped: written for" in printed
+    assert "linreg" in printed and "graph floor      skipped: CUDA only" in printed
     assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["results.json", "results.md"]
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(data))
     with pytest.raises(SystemExit):
