@@ -18,6 +18,7 @@ from torch import nn
 
 from . import _checks as check
 from .metrics import MetricFn, resolve_metrics
+from .native_eval import NativeEvaluation
 
 
 def _check_val_data(val_data: Any, last_label: bool) -> list[torch.Tensor]:
@@ -157,8 +158,6 @@ def evaluate(
     labels = tensors[-1] if last_label else None
     native = None
     if batch_size is not None:
-        from .native_eval import NativeEvaluation
-
         native = NativeEvaluation(tensors, resolved, last_label=last_label, batch_size=batch_size)
 
     def compute(event: dict[str, Any]) -> dict[str, float]:

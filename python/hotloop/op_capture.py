@@ -332,56 +332,66 @@ def lower(gm: fx.GraphModule, num_inputs: int, *, protected: dict[str, torch.Ten
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != num_inputs:
         raise CaptureError(f"the captured graph takes {len(placeholders)} inputs, expected {num_inputs}")
+    slots = _Slots(placeholders)
+    for node in nodes:
+        if node.op == "get_attr":
+            slots.add_constant(node, getattr(gm, node.target))
+        elif node.op == "output":
+            slots.add_outputs(node)
+        elif node.op == "call_function" and node.target is operator.getitem:
+            slots.add_getitem(node)
+        elif node.op == "call_function":
+            slots.add_call(node)
+        elif node.op != "placeholder":
+            raise CaptureError(f"unsupported graph node {node.op} {node.target}")
+    return slots.build(num_inputs)
 
-    slot: dict[fx.Node, int] = {}  # value node -> slot
-    results_of: dict[fx.Node, list[int]] = {}  # multi-output node -> slot per output
-    constants: list[tuple[int, torch.Tensor]] = []
-    next_slot = num_inputs
-    for i, node in enumerate(placeholders):
-        slot[node] = i
 
-    def new_slots(count: int) -> list[int]:
-        nonlocal next_slot
-        slots = list(range(next_slot, next_slot + count))
-        next_slot += count
+class _Slots:
+    """The value slots of an OpGraph being lowered: inputs first, then constants and op results in order."""
+
+    def __init__(self, placeholders: list[fx.Node]) -> None:
+        self.slot: dict[fx.Node, int] = {node: i for i, node in enumerate(placeholders)}
+        self.results_of: dict[fx.Node, list[int]] = {}  # multi-output node -> slot per output
+        self.constants: list[tuple[int, torch.Tensor]] = []
+        self.ops: list[dict[str, Any]] = []
+        self.outputs: list[int] = []
+        self.output_nodes: list[fx.Node] = []
+        self.count = len(placeholders)
+
+    def new(self, count: int) -> list[int]:
+        slots = list(range(self.count, self.count + count))
+        self.count += count
         return slots
 
-    ops: list[dict[str, Any]] = []
-    outputs: list[int] = []
-    output_nodes: list[fx.Node] = []
-    for node in nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "get_attr":
-            value = getattr(gm, node.target)
-            if not isinstance(value, torch.Tensor):
-                raise CaptureError(f"the captured graph holds a constant of type {type(value).__name__}")
-            (slot[node],) = new_slots(1)
-            constants.append((slot[node], value))
-            continue
-        if node.op == "output":
-            flat = torch.utils._pytree.tree_leaves(node.args[0])
-            for value in flat:
-                if not isinstance(value, fx.Node) or value not in slot:
-                    raise CaptureError(f"graph output {value!r} is not a tensor computed by the graph")
-                outputs.append(slot[value])
-                output_nodes.append(value)
-            continue
-        if node.op != "call_function":
-            raise CaptureError(f"unsupported graph node {node.op} {node.target}")
+    def add_constant(self, node: fx.Node, value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise CaptureError(f"the captured graph holds a constant of type {type(value).__name__}")
+        (self.slot[node],) = self.new(1)
+        self.constants.append((self.slot[node], value))
+
+    def add_outputs(self, node: fx.Node) -> None:
+        for value in torch.utils._pytree.tree_leaves(node.args[0]):
+            if not isinstance(value, fx.Node) or value not in self.slot:
+                raise CaptureError(f"graph output {value!r} is not a tensor computed by the graph")
+            self.outputs.append(self.slot[value])
+            self.output_nodes.append(value)
+
+    def add_getitem(self, node: fx.Node) -> None:
+        parent, index = node.args
+        if parent not in self.results_of:
+            raise CaptureError(f"getitem on a value that is not a multi-output op result: {parent}")
+        self.slot[node] = self.results_of[parent][index]
+
+    def add_call(self, node: fx.Node) -> None:
         target = node.target
-        if target is operator.getitem:
-            parent, index = node.args
-            if parent not in results_of:
-                raise CaptureError(f"getitem on a value that is not a multi-output op result: {parent}")
-            slot[node] = results_of[parent][index]
-            continue
         if not isinstance(target, torch._ops.OpOverload):
             raise CaptureError(f"unsupported operation in the captured graph: {target}")
         schema = target._schema
-        args = []
-        for formal, value in zip(schema.arguments, _normalise(target, node), strict=True):
-            args.append(_encode_argument(target, formal, value, slot))
+        args = [
+            _encode_argument(target, formal, value, self.slot)
+            for formal, value in zip(schema.arguments, _normalise(target, node), strict=True)
+        ]
         val = node.meta.get("val")
         returns = schema.returns
         unpacked = -1
@@ -389,19 +399,16 @@ def lower(gm: fx.GraphModule, num_inputs: int, *, protected: dict[str, torch.Ten
             if not isinstance(val, (list, tuple)):
                 raise CaptureError(f"{target}: unknown number of returned tensors")
             unpacked = len(val)
-            results = new_slots(unpacked)
-            results_of[node] = results
+            results = self.results_of[node] = self.new(unpacked)
             op_results = [results[0] if results else -1]
         elif len(returns) == 1:
             if not _is_tensor_type(returns[0].type):
                 raise CaptureError(f"{target} returns {returns[0].type}, not a tensor")
-            (slot[node],) = new_slots(1)
-            op_results = [slot[node]]
+            (self.slot[node],) = self.new(1)
+            op_results = [self.slot[node]]
         else:
-            results = new_slots(len(returns))
-            results_of[node] = results
-            op_results = results
-        ops.append(
+            op_results = self.results_of[node] = self.new(len(returns))
+        self.ops.append(
             {
                 "node": node,
                 "name": schema.name,
@@ -412,40 +419,44 @@ def lower(gm: fx.GraphModule, num_inputs: int, *, protected: dict[str, torch.Ten
             }
         )
 
-    # Free each intermediate after its last reader, and results nobody reads right away.
-    pinned = set(range(num_inputs)) | {s for s, _ in constants} | set(outputs)
-    last_reader: dict[int, int] = {}
-    for index, op in enumerate(ops):
-        for kind, *payload in op["args"]:
-            if kind == "slot":
-                last_reader[payload[0]] = index
-            elif kind == "list":
-                for s in payload[0]:
-                    if s is not None:
-                        last_reader[s] = index
-    for index, op in enumerate(ops):
-        written = op["results"] if op["unpacked"] < 0 else _unpacked_slots(op)
-        for s in written:
-            if s >= 0 and s not in pinned and s not in last_reader:
-                last_reader[s] = index
-    release: dict[int, list[int]] = {}
-    for s, index in last_reader.items():
-        if s not in pinned:
-            release.setdefault(index, []).append(s)
+    def releases(self, num_inputs: int) -> dict[int, list[int]]:
+        """Op index -> the slots to free after it: each intermediate after its last reader, and results
+        nobody reads right after they are written."""
+        pinned = set(range(num_inputs)) | {s for s, _ in self.constants} | set(self.outputs)
+        last_reader: dict[int, int] = {}
+        for index, op in enumerate(self.ops):
+            for kind, *payload in op["args"]:
+                if kind == "slot":
+                    last_reader[payload[0]] = index
+                elif kind == "list":
+                    for s in payload[0]:
+                        if s is not None:
+                            last_reader[s] = index
+        for index, op in enumerate(self.ops):
+            written = op["results"] if op["unpacked"] < 0 else _unpacked_slots(op)
+            for s in written:
+                if s >= 0 and s not in pinned and s not in last_reader:
+                    last_reader[s] = index
+        release: dict[int, list[int]] = {}
+        for s, index in last_reader.items():
+            if s not in pinned:
+                release.setdefault(index, []).append(s)
+        return release
 
-    graph = _C.OpGraph(num_inputs)
-    graph.reserve_slots(next_slot)
-    for s, value in constants:
-        graph.set_constant(s, value)
-    for index, op in enumerate(ops):
-        try:
-            graph.add_op(
-                op["name"], op["overload"], op["args"], op["results"], release.get(index, []), op["unpacked"]
-            )
-        except Exception as exc:
-            raise CaptureError(f"cannot lower {op['node'].target}: {exc}") from exc
-    graph.set_outputs(outputs, [_aliases_input(node) for node in output_nodes])
-    return graph
+    def build(self, num_inputs: int) -> Any:
+        release = self.releases(num_inputs)
+        graph = _C.OpGraph(num_inputs)
+        graph.reserve_slots(self.count)
+        for s, value in self.constants:
+            graph.set_constant(s, value)
+        for index, op in enumerate(self.ops):
+            try:
+                freed = release.get(index, [])
+                graph.add_op(op["name"], op["overload"], op["args"], op["results"], freed, op["unpacked"])
+            except Exception as exc:
+                raise CaptureError(f"cannot lower {op['node'].target}: {exc}") from exc
+        graph.set_outputs(self.outputs, [_aliases_input(node) for node in self.output_nodes])
+        return graph
 
 
 def _refuse_baked_in(gm: fx.GraphModule, protected: dict[str, torch.Tensor]) -> None:
@@ -589,11 +600,25 @@ def verify(
             outputs = graph(inputs)
         except Exception as exc:
             raise CaptureError(f"the captured graph fails to run: {exc}") from exc
+    _check_outputs(graph, outputs, reference, captured, state, num_metrics=len(metrics), rtol=rtol)
+
+
+def _check_outputs(
+    graph: Any,
+    outputs: Sequence[torch.Tensor],
+    reference: tuple[Any, ...],
+    captured: CapturedStep,
+    state: Sequence[torch.Tensor],
+    *,
+    num_metrics: int,
+    rtol: float,
+) -> None:
+    """Raise CaptureError where the graph's loss, metrics, gradients or buffer updates differ from eager's."""
     ref_loss, ref_grads, ref_state, ref_metrics = reference
     num_params = len(captured.params)
-    if len(outputs) != num_params + 1 + len(metrics):
+    if len(outputs) != num_params + 1 + num_metrics:
         raise CaptureError(
-            f"the captured graph returns {len(outputs)} values, expected {num_params + 1 + len(metrics)}"
+            f"the captured graph returns {len(outputs)} values, expected {num_params + 1 + num_metrics}"
         )
     random = any(
         name.startswith(("aten::bernoulli", "aten::rand", "aten::normal", "aten::native_dropout"))

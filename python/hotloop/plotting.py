@@ -166,6 +166,7 @@ def plot_history(
         ...     out.read_bytes()[:4]
         b'\\x89PNG'
     """
+    # Over 60 lines for a reason: argument checks and straight-line matplotlib calls, no logic to split out.
     names = (keys,) if isinstance(keys, str) else keys
     if not isinstance(names, Sequence):
         raise TypeError(f"keys must be a str or a sequence of str, got {type(keys).__name__}")

@@ -172,39 +172,55 @@ class _CapturedStep:
     """The captured graphs, their static tensors, and the window hooks that keep the user's objects true."""
 
     def __init__(self, plan: Plan, warmup_steps: int) -> None:
-        model, optimizer, loss_fn, train_data = plan.model, plan.optimizer, plan.loss_fn, plan.train_data
-        guard_nonfinite, amp = plan.guard_nonfinite, plan.amp
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.last_label, self.metrics, self.guard = plan.last_label, plan.metric_fns, guard_nonfinite
-        device = self.device = train_data[0].device
-        self.sources = [t.contiguous() for t in train_data]
-        sizes = batch_sizes(train_data[0].shape[0], plan.batch_size, plan.drop_last)
+        self.model, self.optimizer, self.loss_fn = plan.model, plan.optimizer, plan.loss_fn
+        self.last_label, self.metrics, self.guard = plan.last_label, plan.metric_fns, plan.guard_nonfinite
+        self.device = plan.device
+        self.sources = [t.contiguous() for t in plan.train_data]
+        self.sizes = batch_sizes(plan.train_data[0].shape[0], plan.batch_size, plan.drop_last)
+        self._allocate(plan.amp)
+        self.tensors = _model_tensors(self.model, self.optimizer)
+        groups = self.optimizer.param_groups
+        self.params = [p for group in groups for p in group["params"] if p.requires_grad]
+        self.trainable = [t for t in self.tensors if t.requires_grad]
+        self.baked = [{k: copy.deepcopy(g.get(k)) for k in _BAKED[type(self.optimizer)]} for g in groups]
+        self.step_forms = [_step_form(g) for g in groups for p in g["params"] if p.requires_grad]
+        self.graphs = self._record(warmup_steps)
+        if self.scale is not None:
+            self.scale.fill_(INITIAL_SCALE)  # the warm-ups moved it
+            self.growth_tracker.zero_()
+        self.step = _C.GraphStep(
+            self.graphs,
+            [self.index[size] for size in self.sizes],
+            self.sums,
+            self.found_inf,
+            self.guard,
+            self._keep_alive(),
+        )
+
+    def _allocate(self, amp: str | None) -> None:
+        """The static tensors the graphs read and write: batch buffers, index buffers, sums, flags, lrs."""
+        device = self.device
         # Warm-ups gather the first samples; C++ overwrites the index buffers before every replay.
-        self.index = {size: torch.arange(size, device=device) for size in sizes}
+        self.index = {size: torch.arange(size, device=device) for size in self.sizes}
         self.batches = {
             size: [torch.empty((size, *t.shape[1:]), dtype=t.dtype, device=device) for t in self.sources]
-            for size in sizes
+            for size in self.sizes
         }
         self.sums = torch.zeros(2 + len(self.metrics), dtype=torch.float64, device=device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in optimizer.param_groups]
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.optimizer.param_groups]
         self.autocast = AMP_DTYPES.get(amp) if amp is not None else None
         self.scale = None
         if amp == "fp16":
             self.scale = torch.full((), INITIAL_SCALE, dtype=torch.float32, device=device)
             self.inv_scale = torch.ones((), dtype=torch.float32, device=device)
             self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
-            self.overflow = torch.zeros(
-                (), dtype=torch.float32, device=device
-            )  # this step's inf/NaN gradients
+            self.overflow = torch.zeros((), dtype=torch.float32, device=device)  # this step's inf/NaN grads
             self.skip = torch.zeros((), dtype=torch.float32, device=device)  # the optimizer's found_inf
-        self.tensors = _model_tensors(model, optimizer)
-        self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self.trainable = [t for t in self.tensors if t.requires_grad]
-        groups = optimizer.param_groups
-        self.baked = [{k: copy.deepcopy(g.get(k)) for k in _BAKED[type(optimizer)]} for g in groups]
-        self.step_forms = [_step_form(g) for g in groups for p in g["params"] if p.requires_grad]
 
+    def _record(self, warmup_steps: int) -> list[Any]:
+        """Warm up, then capture one graph per batch size; the user's state is restored either way."""
+        model, optimizer, device = self.model, self.optimizer, self.device
         saved = _Snapshot(optimizer, self.tensors, device)
         was_training = model.training
         graphs: list[Any] = []
@@ -220,12 +236,12 @@ class _CapturedStep:
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(warmup_steps):
-                        for size in sizes:
+                        for size in self.sizes:
                             optimizer.zero_grad(set_to_none=True)
                             self._train_step(size)
                 torch.cuda.current_stream(device).wait_stream(side)
                 optimizer.zero_grad(set_to_none=True)
-                for i, size in enumerate(sizes):
+                for i, size in enumerate(self.sizes):
                     graph = torch.cuda.CUDAGraph()
                     capture = torch.cuda.graph(
                         graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"
@@ -244,32 +260,24 @@ class _CapturedStep:
         finally:
             saved.restore(captured)
             model.train(was_training)
-        if self.scale is not None:
-            self.scale.fill_(INITIAL_SCALE)  # the warm-ups moved it
-            self.growth_tracker.zero_()
-        # Graphs address their tensors by pointer: hold every one that was not allocated by the capture.
-        keep_alive = [
+        return graphs
+
+    def _keep_alive(self) -> list[torch.Tensor]:
+        """Graphs address their tensors by pointer: every one that was not allocated by the capture."""
+        amp_tensors = (
+            [self.scale, self.inv_scale, self.growth_tracker, self.overflow, self.skip]
+            if self.scale is not None
+            else []
+        )
+        return [
             *self.sources,
-            *(b for size in sizes for b in self.batches[size]),
+            *(b for size in self.sizes for b in self.batches[size]),
             *self.lrs,
-            *(
-                [self.scale, self.inv_scale, self.growth_tracker, self.overflow, self.skip]
-                if self.scale is not None
-                else []
-            ),
+            *amp_tensors,
             *self.tensors,
             *(g for _, g in self.grads),
             *(t for s in self.state.values() for t in s.values() if torch.is_tensor(t)),
         ]
-        self.step = _C.GraphStep(
-            graphs,
-            [self.index[size] for size in sizes],
-            self.sums,
-            self.found_inf,
-            guard_nonfinite,
-            keep_alive,
-        )
-        self.graphs = graphs
 
     def _train_step(self, size: int) -> None:
         batch = self.batches[size]
