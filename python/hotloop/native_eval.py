@@ -162,14 +162,9 @@ def capture_eval(
             gm = trace_eval(model, metrics, batch, last_label=last_label)
         finally:
             snapshot.restore()
-        try:
-            graph = op_capture.lower(
-                gm, len(tensors) + len(data), protected=dict(zip(names, tensors, strict=True))
-            )
-        except CaptureError:
-            raise
-        except Exception as exc:  # an op or graph shape the lowering does not know: fall back, saying so
-            raise CaptureError(f"lowering the captured graph failed ({type(exc).__name__}: {exc})") from exc
+        graph = op_capture.lower(
+            gm, len(tensors) + len(data), protected=dict(zip(names, tensors, strict=True))
+        )
         _verify(graph, captured, model, metrics, batch, last_label=last_label)
         captured.graphs[size] = graph
     return captured

@@ -326,7 +326,16 @@ def lower(gm: fx.GraphModule, num_inputs: int, *, protected: dict[str, torch.Ten
     outputs. Raises CaptureError for anything that is not a plain ATen op call, and for a tensor constant
     that is, or shares memory with, one of the ``protected`` tensors (the model's parameters and buffers):
     baked in, it would never change, and its gradient would be dropped."""
-    _refuse_baked_in(gm, protected or {})
+    try:
+        return _lower(gm, num_inputs, protected or {})
+    except CaptureError:
+        raise
+    except Exception as exc:  # an op or graph shape the lowering does not know: fall back, saying so
+        raise CaptureError(f"lowering the captured graph failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _lower(gm: fx.GraphModule, num_inputs: int, protected: dict[str, torch.Tensor]) -> Any:
+    _refuse_baked_in(gm, protected)
     _simplify(gm)
     nodes = _eliminate_dead_code(gm.graph)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -550,12 +559,7 @@ def capture_step(
             gm = trace_step(model, loss_fn, batch, last_label=last_label, metrics=metrics)
         finally:
             snapshot.restore()
-        try:
-            graph = lower(gm, num_inputs, protected=protected)
-        except CaptureError:
-            raise
-        except Exception as exc:  # an op or graph shape the lowering does not know: fall back, saying so
-            raise CaptureError(f"lowering the captured graph failed ({type(exc).__name__}: {exc})") from exc
+        graph = lower(gm, num_inputs, protected=protected)
         verify(graph, captured, model, loss_fn, batch, last_label=last_label, metrics=metrics)
         captured.graphs[size] = graph
     return captured
