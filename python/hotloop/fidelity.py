@@ -140,14 +140,18 @@ class UserState:
     gradients, plain Python attributes of every module (and of ``loss_fn``: its attributes if it is a module,
     the variables it closes over otherwise). ``restore()`` puts back whatever differs."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any] | None = None) -> None:
-        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable[..., Any] | None = None, *, tensors: bool = True
+    ) -> None:
+        """``tensors=False`` watches the Python state only (no copy of the model's tensors; ``restore``
+        then puts back attributes and variables alone)."""
+        own = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         # The model's own tensors are restored by value below; attributes that refer to them (an RNN's
         # flat weight list) keep referring to the very same objects.
-        self._memo = dict(tensors)
+        self._memo = dict(own)
         self._tensors = [
             (t, t.detach().clone(), t.grad.detach().clone() if t.grad is not None else None)
-            for t in tensors.values()
+            for t in (own.values() if tensors else ())
         ]
         modules = list(_named_modules(model, "model"))
         if isinstance(loss_fn, nn.Module) and loss_fn is not model:

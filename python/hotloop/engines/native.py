@@ -53,7 +53,7 @@ class _NativeWindows:
         self.captured = self._capture()
         # Python state that forward reads (a temperature a stage anneals between events) is baked into the
         # graphs: when it changes, they are captured again.
-        self.watched = UserState(plan.model, plan.loss_fn)
+        self.watched = UserState(plan.model, plan.loss_fn, tensors=False)
         self.step = _C.NativeStep(
             self.captured.params,
             self.captured.state,
@@ -93,7 +93,7 @@ class _NativeWindows:
                     f"capturing it again failed: {exc}"
                 ) from exc
             self.step.set_graphs(list(fresh.graphs.items()))
-            self.watched = UserState(plan.model, plan.loss_fn)
+            self.watched = UserState(plan.model, plan.loss_fn, tensors=False)
         self.step.set_accumulate(self._not_stepped())  # param groups may have been added
         schedule: dict[str, Any] = {}
         if plan.step_scheduler is not None:
