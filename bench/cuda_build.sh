@@ -25,9 +25,9 @@ args=(-S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "-DPython_EXECUTABLE=
 [[ -n $nvcc ]] && args+=("-DCMAKE_CUDA_COMPILER=$nvcc")
 "$cmake" "${args[@]}" ${CMAKE_ARGS:-} > "$build.configure.log" 2>&1 || { mkdir -p "$build"; cat "$build.configure.log"; exit 1; }
 "$cmake" --build "$build"
-with_cuda=$(sed -n 's/^WITH_CUDA = "\(.*\)" == "ON"$/\1/p' "$build/_build_info.py")
-echo "built $(ls "$build"/_C*.so) with CUDA: $with_cuda"
-if [[ $require == --require-cuda && $with_cuda != ON ]]; then
+with_cuda=$(sed -n 's/^WITH_CUDA = \(True\|False\)$/\1/p' "$build/_build_info.py")
+echo "built $(ls "$build"/_C*.so) with CUDA: ${with_cuda:-unknown}"
+if [[ $require == --require-cuda && $with_cuda != True ]]; then
   echo "no CUDA in this build (torch without CUDA, or no nvcc): see $build.configure.log" >&2
   exit 3
 fi
