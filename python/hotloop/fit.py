@@ -15,6 +15,7 @@ from torch import nn
 
 from ._native import _C
 from ._shared import enter_window, leave_window
+from .clipping import nonfinite_norm_message
 from .engines import choose_engine
 from .events import Event
 from .plan import STATE_VERSION, Plan, make_plan
@@ -92,6 +93,8 @@ def fit(
     on_nonfinite: str = "raise",
     amp: str | None = None,
     resume: Mapping[str, Any] | None = None,
+    clip_grad_norm: float | tuple[Any, ...] | Mapping[str, Any] | None = None,
+    clip_grad_value: float | None = None,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
 
@@ -135,6 +138,14 @@ def fit(
             (``"auto"`` falls back to python on CPU).
         resume: A :meth:`FitStream.state_dict` to continue from: loads the model and optimizer state,
             the data order, the random generators and the counters.
+        clip_grad_norm: Clip the gradients of the optimizer's parameters between ``backward()`` and
+            ``step()`` as ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type,
+            error_if_nonfinite)`` does: a max norm, ``(max_norm[, norm_type[, error_if_nonfinite]])`` or a
+            dict with those keys. With ``error_if_nonfinite=True`` a step whose total norm is NaN or
+            infinite (or whose loss is) is not applied and the stream raises :class:`NonFiniteGradNormError`
+            (a ``RuntimeError`` with torch's message) at the end of its window, whatever ``on_nonfinite``.
+        clip_grad_value: Then clamp those gradients to ``[-clip_grad_value, clip_grad_value]``, as
+            ``torch.nn.utils.clip_grad_value_`` does.
 
     Events also carry ``epoch`` (epochs completed), ``updates`` (optimizer steps so far),
     ``samples_per_sec`` and ``engine``. Nothing runs, and bad arguments are not reported, until the
@@ -169,6 +180,8 @@ def fit(
         on_nonfinite=on_nonfinite,
         amp=amp,
         resume=resume,
+        clip_grad_norm=clip_grad_norm,
+        clip_grad_value=clip_grad_value,
     )
     return FitStream(lambda: _Session(make_plan(train_data, model, optimizer, loss_fn, **options)))
 
@@ -183,6 +196,18 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(
             f"non-finite loss at optimizer step {step}; its update was not applied, so the model holds the "
             f"weights after step {updates} (pass on_nonfinite='stop' or 'continue' to change this)"
+        )
+        self.step = step
+
+
+class NonFiniteGradNormError(RuntimeError):
+    """``clip_grad_norm`` with ``error_if_nonfinite=True`` met a non-finite total gradient norm (or loss), as
+    ``torch.nn.utils.clip_grad_norm_`` raises there; the model holds the weights of the step before."""
+
+    def __init__(self, norm_type: float, step: int, updates: int) -> None:
+        super().__init__(
+            f"{nonfinite_norm_message(norm_type)} (optimizer step {step}; its update was not applied, so the "
+            f"model holds the weights after step {updates})"
         )
         self.step = step
 
@@ -237,8 +262,12 @@ class _Session:
                 event[key] = total / stats.samples if stats.samples else float("nan")
             if stats.nonfinite_step >= 0:
                 bad_step = self.updates_before + stats.nonfinite_step
+                applied = self.updates_before + self.loop.total_steps
+                if plan.error_if_nonfinite_norm:
+                    norm_type = plan.grad_clip.norm.norm_type  # type: ignore[union-attr]
+                    raise NonFiniteGradNormError(norm_type, bad_step, applied)
                 if plan.on_nonfinite == "raise":
-                    raise NonFiniteLossError(bad_step, self.updates_before + self.loop.total_steps)
+                    raise NonFiniteLossError(bad_step, applied)
                 event["nonfinite_step"] = bad_step
                 yield event
                 return

@@ -20,6 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ._native import _C
 from ._shared import CaptureError, forward_and_loss, named_tensors
+from .clipping import GradClip
 from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
 
 
@@ -85,8 +86,14 @@ def _joint_step(
     train_names: Sequence[str],
     state_names: Sequence[str],
     metrics: Sequence[Callable[..., Any]] = (),
+    clip: GradClip | None = None,
+    clipped: Sequence[int] = (),
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """``(params, state, *batch) -> (*grads, loss, *metrics)``: a training step's maths without the update."""
+    """``(params, state, *batch) -> (*grads, loss, *metrics)``: a training step's maths without the update.
+
+    ``clip`` clips the gradients at the positions ``clipped`` (in that order, the optimizer's) as
+    ``clip_grad_norm_``/``clip_grad_value_`` would between backward and step; a non-finite norm under
+    ``error_if_nonfinite`` turns the loss into NaN, so the non-finite guard refuses the step."""
 
     def loss_of(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
         tensors = dict(zip(train_names, params, strict=True))
@@ -108,6 +115,13 @@ def _joint_step(
 
     def joint(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
         grads, (loss, aux) = grad_and_value(loss_of, has_aux=True)(params, state, batch)
+        if clip is not None:
+            grads = list(grads)
+            picked, finite = clip.traced([grads[i] for i in clipped])
+            for i, grad in zip(clipped, picked, strict=True):
+                grads[i] = grad
+            if finite is not None:
+                loss = torch.where(finite, loss, float("nan"))
         values = []
         for i, metric in enumerate(metrics):
             value = metric(*aux) if last_label else metric(aux[0])
@@ -128,14 +142,19 @@ def trace_step(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
+    clip: GradClip | None = None,
+    clipped: Sequence[torch.Tensor] = (),
 ) -> fx.GraphModule:
     """The joint forward+backward graph of one training step on batches shaped like ``batch``.
 
     Placeholders are the trainable parameters, then frozen parameters and buffers, then the batch
-    tensors; outputs are the gradient of each trainable parameter, the loss, then each train metric.
+    tensors; outputs are the gradient of each trainable parameter (those in ``clipped`` clipped by
+    ``clip``), the loss, then each train metric.
     """
     train_names, train, state_names, state = _split_parameters(model)
-    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics)
+    position = {id(t): i for i, t in enumerate(train)}
+    indices = [position[id(p)] for p in clipped if id(p) in position]
+    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics, clip, indices)
     was_training = model.training
     model.train()
     try:
@@ -533,6 +552,8 @@ def capture_step(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
+    clip: GradClip | None = None,
+    clipped: Sequence[torch.Tensor] = (),
 ) -> CapturedStep:
     """Capture and lower one graph per batch size in ``batches`` (real example batches), each checked
     against an eager autograd step of the user's own model on its example batch. Raises CaptureError with
@@ -540,7 +561,9 @@ def capture_step(
     back, so the model is called no more often than a plain loop calls it.
 
     The graphs return ``(*grads, loss, *metrics)``; each metric is called as ``metric(pred, labels)``
-    (``metric(pred)`` without labels) on the step's predictions."""
+    (``metric(pred)`` without labels) on the step's predictions. ``clip`` clips the gradients of
+    ``clipped`` (the optimizer's parameters, in its order) inside the graph, checked against torch's own
+    clipping functions on the eager step."""
     reason = refusal_reason(model, loss_fn)
     if reason is not None:
         raise CaptureError(reason)
@@ -556,11 +579,23 @@ def capture_step(
             continue
         snapshot = UserState(model, loss_fn)
         try:
-            gm = trace_step(model, loss_fn, batch, last_label=last_label, metrics=metrics)
+            gm = trace_step(
+                model, loss_fn, batch, last_label=last_label, metrics=metrics, clip=clip, clipped=clipped
+            )
         finally:
             snapshot.restore()
         graph = lower(gm, num_inputs, protected=protected)
-        verify(graph, captured, model, loss_fn, batch, last_label=last_label, metrics=metrics)
+        verify(
+            graph,
+            captured,
+            model,
+            loss_fn,
+            batch,
+            last_label=last_label,
+            metrics=metrics,
+            clip=clip,
+            clipped=clipped,
+        )
         captured.graphs[size] = graph
     return captured
 
@@ -575,6 +610,8 @@ def verify(
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
     rtol: float = 1e-4,
+    clip: GradClip | None = None,
+    clipped: Sequence[torch.Tensor] = (),
 ) -> None:
     """Run ``graph`` and an eager autograd step of the user's own model and loss (what their closures see)
     from the same parameters, buffers and RNG state, and raise CaptureError if loss, gradients or buffer
@@ -588,7 +625,14 @@ def verify(
         try:
             # each run gets its own copy of the batch: forward may write into its inputs
             reference = _eager_reference(
-                captured, model, loss_fn, [t.clone() for t in batch], last_label=last_label, metrics=metrics
+                captured,
+                model,
+                loss_fn,
+                [t.clone() for t in batch],
+                last_label=last_label,
+                metrics=metrics,
+                clip=clip,
+                clipped=clipped,
             )
             stateful = snapshot.changes()
         finally:
@@ -657,6 +701,8 @@ def _eager_reference(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]],
+    clip: GradClip | None = None,
+    clipped: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
     """Loss, gradients (in ``captured.params`` order), buffers after the step (``captured.state`` order) and
     metrics of one plain forward/backward of the user's own model; the caller restores the model."""
@@ -670,6 +716,8 @@ def _eager_reference(
             if not isinstance(loss, torch.Tensor):
                 raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
             loss.backward()
+        if clip is not None:
+            clip.eager_(clipped)
         with torch.no_grad():
             values = [
                 torch.as_tensor(metric(pred, labels) if last_label else metric(pred)).detach().reshape(())

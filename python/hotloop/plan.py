@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _checks as check
+from .clipping import GradClip, check_clip
 
 ENGINE_NAMES = ("auto", "graph", "native", "python")
 STATE_VERSION = 1  # of FitStream.state_dict()
@@ -32,6 +33,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "on_nonfinite": "raise",
     "amp": None,
     "resume": None,
+    "clip_grad_norm": None,
+    "clip_grad_value": None,
 }
 
 
@@ -58,6 +61,7 @@ class Plan:
     extra: Mapping[str, Any] = field(default_factory=dict)
     step_offset: int = 0
     resume: Mapping[str, Any] | None = None
+    grad_clip: GradClip | None = None  # fit()'s clip_grad_norm and clip_grad_value, checked
 
     @property
     def device(self) -> torch.device:
@@ -70,8 +74,15 @@ class Plan:
 
     @property
     def guard_nonfinite(self) -> bool:
-        """Whether a step with a non-finite loss must not be applied."""
-        return self.on_nonfinite != "continue"
+        """Whether a step with a non-finite loss must not be applied (a step whose gradient norm is not
+        finite under ``error_if_nonfinite`` reports a non-finite loss)."""
+        return self.on_nonfinite != "continue" or self.error_if_nonfinite_norm
+
+    @property
+    def error_if_nonfinite_norm(self) -> bool:
+        """Whether a non-finite total gradient norm must raise, as ``clip_grad_norm_`` does."""
+        clip = self.grad_clip
+        return clip is not None and clip.norm is not None and clip.norm.error_if_nonfinite
 
     @property
     def metric_fns(self) -> list[Callable[..., Any]]:
@@ -97,6 +108,7 @@ def make_plan(
         raise TypeError(f"unknown fit() options: {', '.join(sorted(unknown))}")
     options = {**OPTION_DEFAULTS, **options}
     _check_options(options)
+    grad_clip = check_clip(options.pop("clip_grad_norm"), options.pop("clip_grad_value"))
     last_label = options["last_label"]
     resolved_metrics = check.check_metrics(metrics, last_label=last_label)
     _check_objects(model, optimizer, loss_fn, options)
@@ -119,6 +131,7 @@ def make_plan(
         train_data=tuple(tensors),
         metrics=resolved_metrics,
         extra=dict(extra or {}),
+        grad_clip=grad_clip,
         **options,
     )
 

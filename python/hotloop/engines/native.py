@@ -8,6 +8,7 @@ from typing import Any
 from .. import op_capture, optim
 from .._native import _C
 from .._shared import example_batches
+from ..clipping import stepped_params
 from ..fidelity import UserState
 from ..plan import Plan
 from .base import EngineRun
@@ -51,6 +52,7 @@ class _NativeWindows:
     def __init__(self, plan: Plan, handle: Any) -> None:
         self.plan, self.handle = plan, handle
         self.captured = self._capture()
+        self.clipped_ids = [id(p) for p in self._clipped()]
         # Python state that forward reads (a temperature a stage anneals between events) is baked into the
         # graphs: when it changes, they are captured again.
         self.watched = UserState(plan.model, plan.loss_fn)
@@ -72,7 +74,12 @@ class _NativeWindows:
             example_batches(plan.train_data, plan.batch_size, plan.drop_last, plan.shuffle),
             last_label=plan.last_label,
             metrics=plan.metric_fns,
+            clip=plan.grad_clip,
+            clipped=self._clipped(),
         )
+
+    def _clipped(self) -> list[Any]:
+        return stepped_params(self.plan.optimizer) if self.plan.grad_clip is not None else []
 
     def _not_stepped(self) -> list[bool]:
         # a plain loop's zero_grad() never reaches these, so their .grad sums over steps
@@ -84,6 +91,9 @@ class _NativeWindows:
         if captured.refresh(plan.model):
             self.step.bind(captured.params, captured.state)
         changed = self.watched.changes()
+        if [id(p) for p in self._clipped()] != self.clipped_ids:
+            changed = [*changed, "the optimizer's parameters (which clip_grad_norm clips)"]
+            self.clipped_ids = [id(p) for p in self._clipped()]
         if changed:
             try:
                 fresh = self._capture()

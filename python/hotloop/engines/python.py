@@ -11,6 +11,7 @@ import torch
 
 from .._native import _C
 from .._shared import forward_and_loss
+from ..clipping import stepped_params
 from ..optim import requires_closure
 from ..plan import Plan
 from .base import EngineRun
@@ -36,7 +37,9 @@ def python_step(plan: Plan) -> Any:
     ``plan.guard_nonfinite`` a batch whose loss is not finite is not applied (the Loop then ends the
     window); a per-step scheduler is stepped after every optimizer step, as in a plain per-step schedule.
     ``plan.amp`` (``"bf16"``/``"fp16"``) runs forward and loss under ``torch.autocast``, fp16 with a
-    ``GradScaler``.
+    ``GradScaler``. ``plan.grad_clip`` clips the optimizer's gradients after ``backward()`` (after
+    ``GradScaler.unscale_``, inside an LBFGS closure), and a non-finite norm under ``error_if_nonfinite``
+    skips the step, reported as a NaN loss.
 
     An optimizer whose step requires a closure (torch.optim.LBFGS) is stepped as a plain loop steps it:
     ``optimizer.step(closure)``, the closure zeroing the gradients, running forward and loss on the batch,
@@ -46,6 +49,8 @@ def python_step(plan: Plan) -> Any:
     # Over 60 lines for a reason: the plain step and the closure step share their set-up and helpers.
     model, optimizer, loss_fn, last_label = plan.model, plan.optimizer, plan.loss_fn, plan.last_label
     metrics, scheduler, guard_nonfinite = plan.metric_fns, plan.step_scheduler, plan.guard_nonfinite
+    clip, clipped = plan.grad_clip, stepped_params(optimizer)
+    skipped = torch.tensor(float("nan"))  # the loss reported for a step whose gradient norm is not finite
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.amp) if plan.amp is not None else None
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type) if plan.amp == "fp16" else None
@@ -76,9 +81,15 @@ def python_step(plan: Plan) -> Any:
         optimizer.zero_grad()
         if scaler is None:
             loss.backward()
+            if clip is not None and not clip.eager_(clipped):
+                return skipped
             optimizer.step()
         else:
             scaler.scale(loss).backward()
+            if clip is not None:
+                scaler.unscale_(optimizer)  # torch's recipe: clip the unscaled gradients
+                if not clip.eager_(clipped):
+                    return skipped
             scaler.step(optimizer)
             scaler.update()
         if scheduler is not None:
@@ -97,6 +108,8 @@ def python_step(plan: Plan) -> Any:
                     raise _NonFiniteLoss(loss.detach())
                 first.append(metric_values(pred, labels, loss) if metrics else ())
             loss.backward()
+            if clip is not None and not clip.eager_(clipped):
+                raise _NonFiniteLoss(skipped)
             return loss
 
         try:
