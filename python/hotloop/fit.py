@@ -95,6 +95,7 @@ def fit(
     resume: Mapping[str, Any] | None = None,
     clip_grad_norm: float | tuple[Any, ...] | Mapping[str, Any] | None = None,
     clip_grad_value: float | None = None,
+    accumulate: int = 1,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
 
@@ -146,6 +147,26 @@ def fit(
             (a ``RuntimeError`` with torch's message) at the end of its window, whatever ``on_nonfinite``.
         clip_grad_value: Then clamp those gradients to ``[-clip_grad_value, clip_grad_value]``, as
             ``torch.nn.utils.clip_grad_value_`` does.
+        accumulate: Micro-batches of ``batch_size`` per optimizer step (gradient accumulation). Each
+            optimizer step takes the next ``accumulate * batch_size`` samples of the epoch's order, split
+            into micro-batches of ``batch_size``, each backpropagating ``loss / accumulate``; the last
+            step of an epoch takes what is left (fewer micro-batches, still divided by ``accumulate``), or
+            is skipped with ``drop_last=True``. That is this plain loop::
+
+                for epoch in range(epochs):
+                    order = torch.randperm(n, generator=generator)
+                    groups = order.split(batch_size * accumulate)
+                    if drop_last and len(groups[-1]) < batch_size * accumulate:
+                        groups = groups[:-1]
+                    for group in groups:
+                        optimizer.zero_grad()
+                        for index in group.split(batch_size):
+                            (loss_fn(model(x[index]), y[index]) / accumulate).backward()
+                        optimizer.step()  # then clipping before it, the scheduler after it
+
+            ``every``, ``updates``, per-step schedulers and the resume state count optimizer steps;
+            ``train_loss`` and metrics are sample-weighted means over the micro-batches. A step in which
+            any micro-batch's loss is not finite is not applied (as a whole).
 
     Events also carry ``epoch`` (epochs completed), ``updates`` (optimizer steps so far),
     ``samples_per_sec`` and ``engine``. Nothing runs, and bad arguments are not reported, until the
@@ -182,6 +203,7 @@ def fit(
         resume=resume,
         clip_grad_norm=clip_grad_norm,
         clip_grad_value=clip_grad_value,
+        accumulate=accumulate,
     )
     return FitStream(lambda: _Session(make_plan(train_data, model, optimizer, loss_fn, **options)))
 
@@ -218,13 +240,18 @@ class _Session:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.model, self.optimizer, self.generator = plan.model, plan.optimizer, plan.generator
-        self.batching = {"batch_size": plan.batch_size, "shuffle": plan.shuffle, "drop_last": plan.drop_last}
+        self.batching = {
+            "batch_size": plan.batch_size,
+            "shuffle": plan.shuffle,
+            "drop_last": plan.drop_last,
+            "accumulate": plan.accumulate,
+        }
         self.step = plan.step_offset
         self.updates_before = 0
         self.choice = choose_engine(plan)
         self.dataset = _C.Dataset(
             list(plan.train_data),
-            plan.batch_size,
+            plan.step_samples,
             plan.shuffle,
             plan.drop_last,
             plan.generator,
@@ -321,9 +348,10 @@ class _Session:
                 f"{self.dataset.num_samples}"
             )
         for key, value in self.batching.items():
-            if state["batching"][key] != value:
+            saved = state["batching"].get(key, 1 if key == "accumulate" else None)  # states before accumulate
+            if saved != value:
                 raise ValueError(
-                    f"resume state was saved with {key}={state['batching'][key]!r}, this fit() call has "
+                    f"resume state was saved with {key}={saved!r}, this fit() call has "
                     f"{key}={value!r}: the data position would not match"
                 )
         if (state["generator"] is None) != (self.generator is None):

@@ -65,6 +65,24 @@ class CapturedStep:
         return replaced
 
 
+@dataclass(frozen=True)
+class Gradients:
+    """How a step's gradients are formed before the optimizer steps: ``accumulate`` micro-batches of
+    ``micro_batch`` samples (the step's batch split along its first dimension), each backpropagating its
+    loss divided by ``accumulate`` and summed in order, as a plain loop calling ``(loss / k).backward()``
+    k times does; then ``clip`` on the gradients of ``clipped`` (the optimizer's parameters, its order)."""
+
+    accumulate: int = 1
+    micro_batch: int = 0
+    clip: GradClip | None = None
+    clipped: tuple[torch.Tensor, ...] = ()
+
+    def split(self, batch: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        if self.accumulate == 1:
+            return [tuple(batch)]
+        return list(zip(*(t.split(self.micro_batch) for t in batch), strict=True))
+
+
 # Ops without a schema-declared mutation that still write into an argument (running statistics).
 _HIDDEN_MUTATION = ("batch_norm",)
 
@@ -86,14 +104,16 @@ def _joint_step(
     train_names: Sequence[str],
     state_names: Sequence[str],
     metrics: Sequence[Callable[..., Any]] = (),
-    clip: GradClip | None = None,
+    gradients: Gradients = Gradients(),
     clipped: Sequence[int] = (),
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``(params, state, *batch) -> (*grads, loss, *metrics)``: a training step's maths without the update.
 
-    ``clip`` clips the gradients at the positions ``clipped`` (in that order, the optimizer's) as
+    Gradients are accumulated over ``gradients``' micro-batches (the loss and metrics are their
+    sample-weighted means), then clipped at the positions ``clipped`` (in the optimizer's order) as
     ``clip_grad_norm_``/``clip_grad_value_`` would between backward and step; a non-finite norm under
     ``error_if_nonfinite`` turns the loss into NaN, so the non-finite guard refuses the step."""
+    clip, k = gradients.clip, gradients.accumulate
 
     def loss_of(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
         tensors = dict(zip(train_names, params, strict=True))
@@ -113,15 +133,7 @@ def _joint_step(
         )
         return loss.reshape(()), aux
 
-    def joint(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
-        grads, (loss, aux) = grad_and_value(loss_of, has_aux=True)(params, state, batch)
-        if clip is not None:
-            grads = list(grads)
-            picked, finite = clip.traced([grads[i] for i in clipped])
-            for i, grad in zip(clipped, picked, strict=True):
-                grads[i] = grad
-            if finite is not None:
-                loss = torch.where(finite, loss, float("nan"))
+    def metric_values(aux: Any) -> list[torch.Tensor]:
         values = []
         for i, metric in enumerate(metrics):
             value = metric(*aux) if last_label else metric(aux[0])
@@ -130,6 +142,42 @@ def _joint_step(
                     f"train metric {i} must return a single-element tensor for the native engine"
                 )
             values.append(value.detach().reshape(()))
+        return values
+
+    def scaled_loss_of(
+        params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]
+    ):
+        loss, aux = loss_of(params, state, batch)
+        return loss / k, (loss, aux)
+
+    def accumulated(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
+        grads: list[torch.Tensor] = []
+        loss_sum, value_sums = None, []
+        for micro in gradients.split(batch):
+            more, (_, (loss, aux)) = grad_and_value(scaled_loss_of, has_aux=True)(params, state, micro)
+            count, values = micro[0].shape[0], metric_values(aux)
+            if loss_sum is None:
+                grads, loss_sum, value_sums = list(more), loss * count, [v * count for v in values]
+            else:
+                grads = [a + b for a, b in zip(grads, more, strict=True)]
+                loss_sum = loss_sum + loss * count
+                value_sums = [a + v * count for a, v in zip(value_sums, values, strict=True)]
+        total = batch[0].shape[0]
+        return grads, loss_sum / total, [v / total for v in value_sums]
+
+    def joint(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
+        if k == 1:
+            grads, (loss, aux) = grad_and_value(loss_of, has_aux=True)(params, state, batch)
+            values = metric_values(aux)
+        else:
+            grads, loss, values = accumulated(params, state, batch)
+        if clip is not None:
+            grads = list(grads)
+            picked, finite = clip.traced([grads[i] for i in clipped])
+            for i, grad in zip(clipped, picked, strict=True):
+                grads[i] = grad
+            if finite is not None:
+                loss = torch.where(finite, loss, float("nan"))
         return (*grads, loss, *values)
 
     return joint
@@ -142,19 +190,18 @@ def trace_step(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
-    clip: GradClip | None = None,
-    clipped: Sequence[torch.Tensor] = (),
+    gradients: Gradients = Gradients(),
 ) -> fx.GraphModule:
     """The joint forward+backward graph of one training step on batches shaped like ``batch``.
 
     Placeholders are the trainable parameters, then frozen parameters and buffers, then the batch
-    tensors; outputs are the gradient of each trainable parameter (those in ``clipped`` clipped by
-    ``clip``), the loss, then each train metric.
+    tensors; outputs are the gradient of each trainable parameter (accumulated and clipped as
+    ``gradients`` says), the loss, then each train metric.
     """
     train_names, train, state_names, state = _split_parameters(model)
     position = {id(t): i for i, t in enumerate(train)}
-    indices = [position[id(p)] for p in clipped if id(p) in position]
-    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics, clip, indices)
+    indices = [position[id(p)] for p in gradients.clipped if id(p) in position]
+    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics, gradients, indices)
     was_training = model.training
     model.train()
     try:
@@ -552,8 +599,7 @@ def capture_step(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
-    clip: GradClip | None = None,
-    clipped: Sequence[torch.Tensor] = (),
+    gradients: Gradients = Gradients(),
 ) -> CapturedStep:
     """Capture and lower one graph per batch size in ``batches`` (real example batches), each checked
     against an eager autograd step of the user's own model on its example batch. Raises CaptureError with
@@ -561,9 +607,9 @@ def capture_step(
     back, so the model is called no more often than a plain loop calls it.
 
     The graphs return ``(*grads, loss, *metrics)``; each metric is called as ``metric(pred, labels)``
-    (``metric(pred)`` without labels) on the step's predictions. ``clip`` clips the gradients of
-    ``clipped`` (the optimizer's parameters, in its order) inside the graph, checked against torch's own
-    clipping functions on the eager step."""
+    (``metric(pred)`` without labels) on the step's predictions. ``gradients`` accumulates micro-batches
+    and clips inside the graph, checked against the eager loop doing the same with torch's own clipping
+    functions."""
     reason = refusal_reason(model, loss_fn)
     if reason is not None:
         raise CaptureError(reason)
@@ -580,7 +626,7 @@ def capture_step(
         snapshot = UserState(model, loss_fn)
         try:
             gm = trace_step(
-                model, loss_fn, batch, last_label=last_label, metrics=metrics, clip=clip, clipped=clipped
+                model, loss_fn, batch, last_label=last_label, metrics=metrics, gradients=gradients
             )
         finally:
             snapshot.restore()
@@ -593,8 +639,7 @@ def capture_step(
             batch,
             last_label=last_label,
             metrics=metrics,
-            clip=clip,
-            clipped=clipped,
+            gradients=gradients,
         )
         captured.graphs[size] = graph
     return captured
@@ -610,8 +655,7 @@ def verify(
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
     rtol: float = 1e-4,
-    clip: GradClip | None = None,
-    clipped: Sequence[torch.Tensor] = (),
+    gradients: Gradients = Gradients(),
 ) -> None:
     """Run ``graph`` and an eager autograd step of the user's own model and loss (what their closures see)
     from the same parameters, buffers and RNG state, and raise CaptureError if loss, gradients or buffer
@@ -631,8 +675,7 @@ def verify(
                 [t.clone() for t in batch],
                 last_label=last_label,
                 metrics=metrics,
-                clip=clip,
-                clipped=clipped,
+                gradients=gradients,
             )
             stateful = snapshot.changes()
         finally:
@@ -701,33 +744,45 @@ def _eager_reference(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]],
-    clip: GradClip | None = None,
-    clipped: Sequence[torch.Tensor] = (),
+    gradients: Gradients = Gradients(),
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
     """Loss, gradients (in ``captured.params`` order), buffers after the step (``captured.state`` order) and
-    metrics of one plain forward/backward of the user's own model; the caller restores the model."""
+    metrics of one plain forward/backward (one per micro-batch, the loss divided by their count) of the
+    user's own model, clipped as ``gradients`` says; the caller restores the model."""
     was_training = model.training
     model.train()
     for p in captured.params:
         p.grad = None
+    k = gradients.accumulate
+    losses, sums = [], []
     try:
-        with torch.enable_grad():
-            pred, labels, loss = forward_and_loss(model, loss_fn, batch, last_label)
-            if not isinstance(loss, torch.Tensor):
-                raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-            loss.backward()
-        if clip is not None:
-            clip.eager_(clipped)
-        with torch.no_grad():
-            values = [
-                torch.as_tensor(metric(pred, labels) if last_label else metric(pred)).detach().reshape(())
-                for metric in metrics
-            ]
+        for micro in gradients.split(batch):
+            with torch.enable_grad():
+                pred, labels, loss = forward_and_loss(model, loss_fn, micro, last_label)
+                if not isinstance(loss, torch.Tensor):
+                    raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+                (loss if k == 1 else loss / k).backward()
+            with torch.no_grad():
+                values = [
+                    torch.as_tensor(metric(pred, labels) if last_label else metric(pred)).detach().reshape(())
+                    for metric in metrics
+                ]
+            losses.append((loss.detach().reshape(()), micro[0].shape[0]))
+            sums.append(values)
+        if gradients.clip is not None:
+            gradients.clip.eager_(gradients.clipped)
         grads = [p.grad.detach().clone() if p.grad is not None else None for p in captured.params]
         state = [t.detach().clone() for t in captured.state]
     finally:
         model.train(was_training)
-    return loss.detach().reshape(()), grads, state, values
+    if k == 1:
+        return losses[0][0], grads, state, sums[0]
+    total = batch[0].shape[0]
+    loss = sum(value * count for value, count in losses) / total
+    values = [
+        sum(v[i] * c for v, (_, c) in zip(sums, losses, strict=True)) / total for i in range(len(metrics))
+    ]
+    return loss, grads, state, values
 
 
 def _scale(tensor: torch.Tensor) -> float:

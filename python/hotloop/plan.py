@@ -35,6 +35,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "resume": None,
     "clip_grad_norm": None,
     "clip_grad_value": None,
+    "accumulate": 1,
 }
 
 
@@ -62,6 +63,13 @@ class Plan:
     step_offset: int = 0
     resume: Mapping[str, Any] | None = None
     grad_clip: GradClip | None = None  # fit()'s clip_grad_norm and clip_grad_value, checked
+    accumulate: int = 1  # micro-batches of batch_size per optimizer step
+
+    @property
+    def step_samples(self) -> int:
+        """Samples per optimizer step: what the Dataset gathers as one batch (engines split it into
+        ``accumulate`` micro-batches of ``batch_size``)."""
+        return self.batch_size * self.accumulate
 
     @property
     def device(self) -> torch.device:
@@ -118,10 +126,12 @@ def make_plan(
     generator = options["generator"]
     if generator is not None and generator.device.type != tensors[0].device.type:
         raise ValueError(f"generator is on {generator.device} but train_data is on {tensors[0].device}")
-    if options["drop_last"] and options["batch_size"] > tensors[0].shape[0]:
+    step_samples = options["batch_size"] * options["accumulate"]
+    if options["drop_last"] and step_samples > tensors[0].shape[0]:
         raise ValueError(
-            f"drop_last=True with batch_size={options['batch_size']} larger than the {tensors[0].shape[0]} "
-            "samples would leave no batch"
+            f"drop_last=True with batch_size={options['batch_size']} times "
+            f"accumulate={options['accumulate']} larger than the {tensors[0].shape[0]} samples would leave "
+            "no batch"
         )
     check.check_first_batch(model, loss_fn, tensors, batch_size=options["batch_size"], last_label=last_label)
     return Plan(
@@ -142,6 +152,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
     check.check_bool("last_label", options["last_label"])
     check.check_bool("drop_last", options["drop_last"])
     check.check_int("step_offset", options["step_offset"])
+    check.check_int("accumulate", options["accumulate"], minimum=1)
     if options["every"] is not None:
         check.check_int("every", options["every"], minimum=1)
     check.check_choice("engine", options["engine"], ENGINE_NAMES)

@@ -71,11 +71,12 @@ class _NativeWindows:
         return op_capture.capture_step(
             plan.model,
             plan.loss_fn,
-            example_batches(plan.train_data, plan.batch_size, plan.drop_last, plan.shuffle),
+            example_batches(plan.train_data, plan.step_samples, plan.drop_last, plan.shuffle),
             last_label=plan.last_label,
             metrics=plan.metric_fns,
-            clip=plan.grad_clip,
-            clipped=self._clipped(),
+            gradients=op_capture.Gradients(
+                plan.accumulate, plan.batch_size, plan.grad_clip, tuple(self._clipped())
+            ),
         )
 
     def _clipped(self) -> list[Any]:
