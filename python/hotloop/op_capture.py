@@ -21,6 +21,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ._native import _C
 from ._shared import CaptureError, forward_and_loss, named_tensors
 from .clipping import GradClip
+from .eager_draws import draw_as_eager
 from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
 
 
@@ -402,6 +403,7 @@ def lower(gm: fx.GraphModule, num_inputs: int, *, protected: dict[str, torch.Ten
 
 def _lower(gm: fx.GraphModule, num_inputs: int, protected: dict[str, torch.Tensor]) -> Any:
     _refuse_baked_in(gm, protected)
+    draw_as_eager(gm)
     _simplify(gm)
     nodes = _eliminate_dead_code(gm.graph)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -483,11 +485,17 @@ class _Slots:
             op_results = [self.slot[node]]
         else:
             op_results = self.results_of[node] = self.new(len(returns))
+        name, overload = schema.name, schema.overload_name
+        if target is _aten.view.default:
+            # Fake tensors can predict a layout the real kernel does not give (mse_loss_backward's is
+            # contiguous where its meta follows the input's), and a view of it then fails; reshape is that
+            # same view wherever one is possible and a copy only where the view would have failed.
+            name, overload = "aten::reshape", ""
         self.ops.append(
             {
                 "node": node,
-                "name": schema.name,
-                "overload": schema.overload_name,
+                "name": name,
+                "overload": overload,
                 "args": args,
                 "results": op_results,
                 "unpacked": unpacked,
