@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
         "metrics",
         "plotting",
         "sinks",
+        "speed_rules",
     },  # leaves
     {"_native", "fidelity"},
     {"_checks", "_optim_specs"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import hotloop
 import pytest
@@ -123,3 +124,31 @@ def test_memory_order_is_the_order_empty_like_is_filled_in():
     torch.manual_seed(0)
     drawn = torch.bernoulli(torch.empty(4, 3, 8), 0.5).permute(1, 0, 2)
     assert torch.equal(eager, drawn)
+
+
+def test_auto_does_not_choose_native_for_an_lstm_but_native_runs_it():
+    class Recurrent(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.rnn = kind(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    data = (torch.randn(32, 5, 8), torch.randn(32, 1))
+    for kind, engine, expected in (
+        (nn.LSTM, "auto", "python"),
+        (nn.LSTM, "native", "native"),
+        (nn.GRU, "auto", "native"),
+    ):
+        model = Recurrent(kind)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stream = hotloop.fit(
+                data, model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), engine=engine
+            )
+            assert next(stream)["engine"] == expected
+        stream.close()
+        if expected == "python":
+            assert any("nn.LSTM (rnn)" in str(w.message) for w in caught)

@@ -11,6 +11,7 @@ from .._shared import example_batches
 from ..clipping import stepped_params
 from ..fidelity import UserState
 from ..plan import Plan
+from ..speed_rules import slower_natively
 from .base import EngineRun
 
 
@@ -19,6 +20,10 @@ class NativeEngine:
     auto_devices = ("cpu", "cuda")
 
     def refuse(self, plan: Plan) -> str | None:
+        if plan.engine == "auto" and plan.device.type == "cpu":
+            slower = slower_natively(plan.model)
+            if slower is not None:
+                return slower
         if plan.amp is not None:
             return "it does not run mixed precision (amp)"
         kind = type(plan.optimizer)
