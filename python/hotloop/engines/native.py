@@ -30,7 +30,8 @@ class NativeEngine:
         if plan.device.type != "cpu" and plan.guard_nonfinite and kind not in optim.SKIPS_ON_DEVICE:
             return (
                 f"off the CPU the non-finite guard skips steps on the device, which {kind.__name__} cannot "
-                "(only SGD, Adam and AdamW can); pass on_nonfinite='continue' to run it natively"
+                "(only SGD, Adam and AdamW can); pass on_nonfinite='continue' (and no error_if_nonfinite in "
+                "clip_grad_norm) to run it natively"
             )
         return optim.native_refusal(plan.optimizer)
 
