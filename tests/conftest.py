@@ -27,8 +27,10 @@ def plain_loop_losses(
     last_label: bool = True,
     drop_last: bool = False,
     generator: torch.Generator | None = None,
+    after_backward: Callable[[], object] | None = None,
 ) -> list[float]:
-    """Train like fitstream's epoch_stream (forward, loss, zero_grad, backward, step) for `steps` steps.
+    """Train like fitstream's epoch_stream (forward, loss, zero_grad, backward, step) for `steps` steps;
+    `after_backward` runs between backward and step (gradient clipping).
 
     Returns the sample-weighted mean loss of each window: each epoch when `every` is None, else each run
     of `every` steps (windows cross epoch ends).
@@ -51,6 +53,8 @@ def plain_loop_losses(
                 loss = loss_fn(model(*batch))
             optimizer.zero_grad()
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             optimizer.step()
             total += loss.item() * index.numel()
             samples += index.numel()

@@ -12,7 +12,18 @@ PACKAGE = Path(hotloop.__file__).parent
 
 # Lowest first. Keep in step with the module map in ARCHITECTURE.md.
 LAYERS: list[set[str]] = [
-    {"_build_info", "_shared", "batching", "events", "metrics", "plotting", "sinks"},  # leaves
+    {
+        "_build_info",
+        "_shared",
+        "batching",
+        "clipping",
+        "eager_draws",
+        "events",
+        "metrics",
+        "plotting",
+        "sinks",
+        "speed_rules",
+    },  # leaves
     {"_native", "fidelity"},
     {"_checks", "_optim_specs"},
     {"optim", "op_capture", "plan"},

@@ -295,3 +295,16 @@ def test_demo_data_and_training(tmp_path, monkeypatch):
     assert len(history) == 2 and {"train_loss", "val_loss", "val_acc"} <= set(history[0])
     if report.pyplot() is not None:
         assert (tmp_path / "demo_loss.png").exists()
+
+
+def test_the_recipe_battery_reports_engine_parity_and_speed():
+    from bench import recipes
+
+    chosen = [r for r in recipes.RECIPES if r.name in ("MLP, accumulate=4", "MLP, LBFGS", "LSTM")]
+    rows = [recipes.run(recipe, epochs=1) for recipe in chosen]
+    by_name = {r["recipe"]: r for r in rows}
+    assert by_name["MLP, accumulate=4"]["engine"] == "native"
+    assert by_name["MLP, LBFGS"]["engine"] == "python" and "closure" in by_name["MLP, LBFGS"]["reason"]
+    assert by_name["LSTM"]["engine"] == "python" and "nn.LSTM" in by_name["LSTM"]["reason"]
+    assert all(r["parity"] for r in rows)
+    assert "1/3 recipes (33%) run natively" in recipes.table(rows)

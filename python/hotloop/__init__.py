@@ -10,7 +10,7 @@ from ._shared import SlowPathWarning
 from .batching import iter_batches
 from .evaluation import BestModel, best_model, evaluate, validation_loss
 from .events import Event
-from .fit import FitStream, NonFiniteLossError, epoch_stream, fit
+from .fit import FitStream, NonFiniteGradNormError, NonFiniteLossError, epoch_stream, fit
 from .plotting import LivePlot, live_plot, plot_history
 from .sinks import collect, collect_csv, collect_jsonl, collect_pd, tensorboard
 from .stages import augment, early_stop, ema, pipe, print_keys, progress, take, tap, tick
@@ -20,6 +20,7 @@ __version__ = _native.VERSION
 __all__ = [
     "Event",
     "FitStream",
+    "NonFiniteGradNormError",
     "NonFiniteLossError",
     "SlowPathWarning",
     "epoch_stream",

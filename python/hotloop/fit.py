@@ -15,6 +15,7 @@ from torch import nn
 
 from ._native import _C
 from ._shared import enter_window, leave_window
+from .clipping import nonfinite_norm_message
 from .engines import choose_engine
 from .events import Event
 from .plan import STATE_VERSION, Plan, make_plan
@@ -92,6 +93,9 @@ def fit(
     on_nonfinite: str = "raise",
     amp: str | None = None,
     resume: Mapping[str, Any] | None = None,
+    clip_grad_norm: float | tuple[Any, ...] | Mapping[str, Any] | None = None,
+    clip_grad_value: float | None = None,
+    accumulate: int = 1,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
 
@@ -135,6 +139,34 @@ def fit(
             (``"auto"`` falls back to python on CPU).
         resume: A :meth:`FitStream.state_dict` to continue from: loads the model and optimizer state,
             the data order, the random generators and the counters.
+        clip_grad_norm: Clip the gradients of the optimizer's parameters between ``backward()`` and
+            ``step()`` as ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type,
+            error_if_nonfinite)`` does: a max norm, ``(max_norm[, norm_type[, error_if_nonfinite]])`` or a
+            dict with those keys. With ``error_if_nonfinite=True`` a step whose total norm is NaN or
+            infinite (or whose loss is) is not applied and the stream raises :class:`NonFiniteGradNormError`
+            (a ``RuntimeError`` with torch's message) at the end of its window, whatever ``on_nonfinite``.
+        clip_grad_value: Then clamp those gradients to ``[-clip_grad_value, clip_grad_value]``, as
+            ``torch.nn.utils.clip_grad_value_`` does.
+        accumulate: Micro-batches of ``batch_size`` per optimizer step (gradient accumulation). Each
+            optimizer step takes the next ``accumulate * batch_size`` samples of the epoch's order, split
+            into micro-batches of ``batch_size``, each backpropagating ``loss / accumulate``; the last
+            step of an epoch takes what is left (fewer micro-batches, still divided by ``accumulate``), or
+            is skipped with ``drop_last=True``. That is this plain loop::
+
+                for epoch in range(epochs):
+                    order = torch.randperm(n, generator=generator)
+                    groups = order.split(batch_size * accumulate)
+                    if drop_last and len(groups[-1]) < batch_size * accumulate:
+                        groups = groups[:-1]
+                    for group in groups:
+                        optimizer.zero_grad()
+                        for index in group.split(batch_size):
+                            (loss_fn(model(x[index]), y[index]) / accumulate).backward()
+                        optimizer.step()  # then clipping before it, the scheduler after it
+
+            ``every``, ``updates``, per-step schedulers and the resume state count optimizer steps;
+            ``train_loss`` and metrics are sample-weighted means over the micro-batches. A step in which
+            any micro-batch's loss is not finite is not applied (as a whole).
 
     Events also carry ``epoch`` (epochs completed), ``updates`` (optimizer steps so far),
     ``samples_per_sec`` and ``engine``. Nothing runs, and bad arguments are not reported, until the
@@ -169,6 +201,9 @@ def fit(
         on_nonfinite=on_nonfinite,
         amp=amp,
         resume=resume,
+        clip_grad_norm=clip_grad_norm,
+        clip_grad_value=clip_grad_value,
+        accumulate=accumulate,
     )
     return FitStream(lambda: _Session(make_plan(train_data, model, optimizer, loss_fn, **options)))
 
@@ -187,19 +222,36 @@ class NonFiniteLossError(FloatingPointError):
         self.step = step
 
 
+class NonFiniteGradNormError(RuntimeError):
+    """``clip_grad_norm`` with ``error_if_nonfinite=True`` met a non-finite total gradient norm (or loss), as
+    ``torch.nn.utils.clip_grad_norm_`` raises there; the model holds the weights of the step before."""
+
+    def __init__(self, norm_type: float, step: int, updates: int) -> None:
+        super().__init__(
+            f"{nonfinite_norm_message(norm_type)} (optimizer step {step}; its update was not applied, so the "
+            f"model holds the weights after step {updates})"
+        )
+        self.step = step
+
+
 class _Session:
     """One planned training run: the native loop, its dataset and the counters reported in events."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.model, self.optimizer, self.generator = plan.model, plan.optimizer, plan.generator
-        self.batching = {"batch_size": plan.batch_size, "shuffle": plan.shuffle, "drop_last": plan.drop_last}
+        self.batching = {
+            "batch_size": plan.batch_size,
+            "shuffle": plan.shuffle,
+            "drop_last": plan.drop_last,
+            "accumulate": plan.accumulate,
+        }
         self.step = plan.step_offset
         self.updates_before = 0
         self.choice = choose_engine(plan)
         self.dataset = _C.Dataset(
             list(plan.train_data),
-            plan.batch_size,
+            plan.step_samples,
             plan.shuffle,
             plan.drop_last,
             plan.generator,
@@ -237,8 +289,12 @@ class _Session:
                 event[key] = total / stats.samples if stats.samples else float("nan")
             if stats.nonfinite_step >= 0:
                 bad_step = self.updates_before + stats.nonfinite_step
+                applied = self.updates_before + self.loop.total_steps
+                if plan.error_if_nonfinite_norm:
+                    norm_type = plan.grad_clip.norm.norm_type  # type: ignore[union-attr]
+                    raise NonFiniteGradNormError(norm_type, bad_step, applied)
                 if plan.on_nonfinite == "raise":
-                    raise NonFiniteLossError(bad_step, self.updates_before + self.loop.total_steps)
+                    raise NonFiniteLossError(bad_step, applied)
                 event["nonfinite_step"] = bad_step
                 yield event
                 return
@@ -292,9 +348,10 @@ class _Session:
                 f"{self.dataset.num_samples}"
             )
         for key, value in self.batching.items():
-            if state["batching"][key] != value:
+            saved = state["batching"].get(key, 1 if key == "accumulate" else None)  # states before accumulate
+            if saved != value:
                 raise ValueError(
-                    f"resume state was saved with {key}={state['batching'][key]!r}, this fit() call has "
+                    f"resume state was saved with {key}={saved!r}, this fit() call has "
                     f"{key}={value!r}: the data position would not match"
                 )
         if (state["generator"] is None) != (self.generator is None):

@@ -20,6 +20,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ._native import _C
 from ._shared import CaptureError, forward_and_loss, named_tensors
+from .clipping import GradClip
+from .eager_draws import draw_as_eager
 from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
 
 
@@ -64,6 +66,24 @@ class CapturedStep:
         return replaced
 
 
+@dataclass(frozen=True)
+class Gradients:
+    """How a step's gradients are formed before the optimizer steps: ``accumulate`` micro-batches of
+    ``micro_batch`` samples (the step's batch split along its first dimension), each backpropagating its
+    loss divided by ``accumulate`` and summed in order, as a plain loop calling ``(loss / k).backward()``
+    k times does; then ``clip`` on the gradients of ``clipped`` (the optimizer's parameters, its order)."""
+
+    accumulate: int = 1
+    micro_batch: int = 0
+    clip: GradClip | None = None
+    clipped: tuple[torch.Tensor, ...] = ()
+
+    def split(self, batch: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        if self.accumulate == 1:
+            return [tuple(batch)]
+        return list(zip(*(t.split(self.micro_batch) for t in batch), strict=True))
+
+
 # Ops without a schema-declared mutation that still write into an argument (running statistics).
 _HIDDEN_MUTATION = ("batch_norm",)
 
@@ -85,8 +105,16 @@ def _joint_step(
     train_names: Sequence[str],
     state_names: Sequence[str],
     metrics: Sequence[Callable[..., Any]] = (),
+    gradients: Gradients = Gradients(),
+    clipped: Sequence[int] = (),
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """``(params, state, *batch) -> (*grads, loss, *metrics)``: a training step's maths without the update."""
+    """``(params, state, *batch) -> (*grads, loss, *metrics)``: a training step's maths without the update.
+
+    Gradients are accumulated over ``gradients``' micro-batches (the loss and metrics are their
+    sample-weighted means), then clipped at the positions ``clipped`` (in the optimizer's order) as
+    ``clip_grad_norm_``/``clip_grad_value_`` would between backward and step; a non-finite norm under
+    ``error_if_nonfinite`` turns the loss into NaN, so the non-finite guard refuses the step."""
+    clip, k = gradients.clip, gradients.accumulate
 
     def loss_of(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
         tensors = dict(zip(train_names, params, strict=True))
@@ -106,8 +134,7 @@ def _joint_step(
         )
         return loss.reshape(()), aux
 
-    def joint(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
-        grads, (loss, aux) = grad_and_value(loss_of, has_aux=True)(params, state, batch)
+    def metric_values(aux: Any) -> list[torch.Tensor]:
         values = []
         for i, metric in enumerate(metrics):
             value = metric(*aux) if last_label else metric(aux[0])
@@ -116,6 +143,42 @@ def _joint_step(
                     f"train metric {i} must return a single-element tensor for the native engine"
                 )
             values.append(value.detach().reshape(()))
+        return values
+
+    def scaled_loss_of(
+        params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]
+    ):
+        loss, aux = loss_of(params, state, batch)
+        return loss / k, (loss, aux)
+
+    def accumulated(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
+        grads: list[torch.Tensor] = []
+        loss_sum, value_sums = None, []
+        for micro in gradients.split(batch):
+            more, (_, (loss, aux)) = grad_and_value(scaled_loss_of, has_aux=True)(params, state, micro)
+            count, values = micro[0].shape[0], metric_values(aux)
+            if loss_sum is None:
+                grads, loss_sum, value_sums = list(more), loss * count, [v * count for v in values]
+            else:
+                grads = [a + b for a, b in zip(grads, more, strict=True)]
+                loss_sum = loss_sum + loss * count
+                value_sums = [a + v * count for a, v in zip(value_sums, values, strict=True)]
+        total = batch[0].shape[0]
+        return grads, loss_sum / total, [v / total for v in value_sums]
+
+    def joint(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
+        if k == 1:
+            grads, (loss, aux) = grad_and_value(loss_of, has_aux=True)(params, state, batch)
+            values = metric_values(aux)
+        else:
+            grads, loss, values = accumulated(params, state, batch)
+        if clip is not None:
+            grads = list(grads)
+            picked, finite = clip.traced([grads[i] for i in clipped])
+            for i, grad in zip(clipped, picked, strict=True):
+                grads[i] = grad
+            if finite is not None:
+                loss = torch.where(finite, loss, float("nan"))
         return (*grads, loss, *values)
 
     return joint
@@ -128,14 +191,18 @@ def trace_step(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
+    gradients: Gradients = Gradients(),
 ) -> fx.GraphModule:
     """The joint forward+backward graph of one training step on batches shaped like ``batch``.
 
     Placeholders are the trainable parameters, then frozen parameters and buffers, then the batch
-    tensors; outputs are the gradient of each trainable parameter, the loss, then each train metric.
+    tensors; outputs are the gradient of each trainable parameter (accumulated and clipped as
+    ``gradients`` says), the loss, then each train metric.
     """
     train_names, train, state_names, state = _split_parameters(model)
-    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics)
+    position = {id(t): i for i, t in enumerate(train)}
+    indices = [position[id(p)] for p in gradients.clipped if id(p) in position]
+    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics, gradients, indices)
     was_training = model.training
     model.train()
     try:
@@ -336,6 +403,7 @@ def lower(gm: fx.GraphModule, num_inputs: int, *, protected: dict[str, torch.Ten
 
 def _lower(gm: fx.GraphModule, num_inputs: int, protected: dict[str, torch.Tensor]) -> Any:
     _refuse_baked_in(gm, protected)
+    draw_as_eager(gm)
     _simplify(gm)
     nodes = _eliminate_dead_code(gm.graph)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -417,11 +485,17 @@ class _Slots:
             op_results = [self.slot[node]]
         else:
             op_results = self.results_of[node] = self.new(len(returns))
+        name, overload = schema.name, schema.overload_name
+        if target is _aten.view.default:
+            # Fake tensors can predict a layout the real kernel does not give (mse_loss_backward's is
+            # contiguous where its meta follows the input's), and a view of it then fails; reshape is that
+            # same view wherever one is possible and a copy only where the view would have failed.
+            name, overload = "aten::reshape", ""
         self.ops.append(
             {
                 "node": node,
-                "name": schema.name,
-                "overload": schema.overload_name,
+                "name": name,
+                "overload": overload,
                 "args": args,
                 "results": op_results,
                 "unpacked": unpacked,
@@ -533,6 +607,7 @@ def capture_step(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
+    gradients: Gradients = Gradients(),
 ) -> CapturedStep:
     """Capture and lower one graph per batch size in ``batches`` (real example batches), each checked
     against an eager autograd step of the user's own model on its example batch. Raises CaptureError with
@@ -540,7 +615,9 @@ def capture_step(
     back, so the model is called no more often than a plain loop calls it.
 
     The graphs return ``(*grads, loss, *metrics)``; each metric is called as ``metric(pred, labels)``
-    (``metric(pred)`` without labels) on the step's predictions."""
+    (``metric(pred)`` without labels) on the step's predictions. ``gradients`` accumulates micro-batches
+    and clips inside the graph, checked against the eager loop doing the same with torch's own clipping
+    functions."""
     reason = refusal_reason(model, loss_fn)
     if reason is not None:
         raise CaptureError(reason)
@@ -556,11 +633,22 @@ def capture_step(
             continue
         snapshot = UserState(model, loss_fn)
         try:
-            gm = trace_step(model, loss_fn, batch, last_label=last_label, metrics=metrics)
+            gm = trace_step(
+                model, loss_fn, batch, last_label=last_label, metrics=metrics, gradients=gradients
+            )
         finally:
             snapshot.restore()
         graph = lower(gm, num_inputs, protected=protected)
-        verify(graph, captured, model, loss_fn, batch, last_label=last_label, metrics=metrics)
+        verify(
+            graph,
+            captured,
+            model,
+            loss_fn,
+            batch,
+            last_label=last_label,
+            metrics=metrics,
+            gradients=gradients,
+        )
         captured.graphs[size] = graph
     return captured
 
@@ -575,6 +663,7 @@ def verify(
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
     rtol: float = 1e-4,
+    gradients: Gradients = Gradients(),
 ) -> None:
     """Run ``graph`` and an eager autograd step of the user's own model and loss (what their closures see)
     from the same parameters, buffers and RNG state, and raise CaptureError if loss, gradients or buffer
@@ -588,7 +677,13 @@ def verify(
         try:
             # each run gets its own copy of the batch: forward may write into its inputs
             reference = _eager_reference(
-                captured, model, loss_fn, [t.clone() for t in batch], last_label=last_label, metrics=metrics
+                captured,
+                model,
+                loss_fn,
+                [t.clone() for t in batch],
+                last_label=last_label,
+                metrics=metrics,
+                gradients=gradients,
             )
             stateful = snapshot.changes()
         finally:
@@ -657,29 +752,45 @@ def _eager_reference(
     *,
     last_label: bool,
     metrics: Sequence[Callable[..., Any]],
+    gradients: Gradients = Gradients(),
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
     """Loss, gradients (in ``captured.params`` order), buffers after the step (``captured.state`` order) and
-    metrics of one plain forward/backward of the user's own model; the caller restores the model."""
+    metrics of one plain forward/backward (one per micro-batch, the loss divided by their count) of the
+    user's own model, clipped as ``gradients`` says; the caller restores the model."""
     was_training = model.training
     model.train()
     for p in captured.params:
         p.grad = None
+    k = gradients.accumulate
+    losses, sums = [], []
     try:
-        with torch.enable_grad():
-            pred, labels, loss = forward_and_loss(model, loss_fn, batch, last_label)
-            if not isinstance(loss, torch.Tensor):
-                raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-            loss.backward()
-        with torch.no_grad():
-            values = [
-                torch.as_tensor(metric(pred, labels) if last_label else metric(pred)).detach().reshape(())
-                for metric in metrics
-            ]
+        for micro in gradients.split(batch):
+            with torch.enable_grad():
+                pred, labels, loss = forward_and_loss(model, loss_fn, micro, last_label)
+                if not isinstance(loss, torch.Tensor):
+                    raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+                (loss if k == 1 else loss / k).backward()
+            with torch.no_grad():
+                values = [
+                    torch.as_tensor(metric(pred, labels) if last_label else metric(pred)).detach().reshape(())
+                    for metric in metrics
+                ]
+            losses.append((loss.detach().reshape(()), micro[0].shape[0]))
+            sums.append(values)
+        if gradients.clip is not None:
+            gradients.clip.eager_(gradients.clipped)
         grads = [p.grad.detach().clone() if p.grad is not None else None for p in captured.params]
         state = [t.detach().clone() for t in captured.state]
     finally:
         model.train(was_training)
-    return loss.detach().reshape(()), grads, state, values
+    if k == 1:
+        return losses[0][0], grads, state, sums[0]
+    total = batch[0].shape[0]
+    loss = sum(value * count for value, count in losses) / total
+    values = [
+        sum(v[i] * c for v, (_, c) in zip(sums, losses, strict=True)) / total for i in range(len(metrics))
+    ]
+    return loss, grads, state, values
 
 
 def _scale(tensor: torch.Tensor) -> float:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _checks as check
+from .clipping import GradClip, check_clip
 
 ENGINE_NAMES = ("auto", "graph", "native", "python")
 STATE_VERSION = 1  # of FitStream.state_dict()
@@ -32,6 +33,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "on_nonfinite": "raise",
     "amp": None,
     "resume": None,
+    "clip_grad_norm": None,
+    "clip_grad_value": None,
+    "accumulate": 1,
 }
 
 
@@ -58,6 +62,14 @@ class Plan:
     extra: Mapping[str, Any] = field(default_factory=dict)
     step_offset: int = 0
     resume: Mapping[str, Any] | None = None
+    grad_clip: GradClip | None = None  # fit()'s clip_grad_norm and clip_grad_value, checked
+    accumulate: int = 1  # micro-batches of batch_size per optimizer step
+
+    @property
+    def step_samples(self) -> int:
+        """Samples per optimizer step: what the Dataset gathers as one batch (engines split it into
+        ``accumulate`` micro-batches of ``batch_size``)."""
+        return self.batch_size * self.accumulate
 
     @property
     def device(self) -> torch.device:
@@ -70,8 +82,15 @@ class Plan:
 
     @property
     def guard_nonfinite(self) -> bool:
-        """Whether a step with a non-finite loss must not be applied."""
-        return self.on_nonfinite != "continue"
+        """Whether a step with a non-finite loss must not be applied (a step whose gradient norm is not
+        finite under ``error_if_nonfinite`` reports a non-finite loss)."""
+        return self.on_nonfinite != "continue" or self.error_if_nonfinite_norm
+
+    @property
+    def error_if_nonfinite_norm(self) -> bool:
+        """Whether a non-finite total gradient norm must raise, as ``clip_grad_norm_`` does."""
+        clip = self.grad_clip
+        return clip is not None and clip.norm is not None and clip.norm.error_if_nonfinite
 
     @property
     def metric_fns(self) -> list[Callable[..., Any]]:
@@ -97,6 +116,7 @@ def make_plan(
         raise TypeError(f"unknown fit() options: {', '.join(sorted(unknown))}")
     options = {**OPTION_DEFAULTS, **options}
     _check_options(options)
+    grad_clip = check_clip(options.pop("clip_grad_norm"), options.pop("clip_grad_value"))
     last_label = options["last_label"]
     resolved_metrics = check.check_metrics(metrics, last_label=last_label)
     _check_objects(model, optimizer, loss_fn, options)
@@ -106,10 +126,12 @@ def make_plan(
     generator = options["generator"]
     if generator is not None and generator.device.type != tensors[0].device.type:
         raise ValueError(f"generator is on {generator.device} but train_data is on {tensors[0].device}")
-    if options["drop_last"] and options["batch_size"] > tensors[0].shape[0]:
+    step_samples = options["batch_size"] * options["accumulate"]
+    if options["drop_last"] and step_samples > tensors[0].shape[0]:
         raise ValueError(
-            f"drop_last=True with batch_size={options['batch_size']} larger than the {tensors[0].shape[0]} "
-            "samples would leave no batch"
+            f"drop_last=True with batch_size={options['batch_size']} times "
+            f"accumulate={options['accumulate']} larger than the {tensors[0].shape[0]} samples would leave "
+            "no batch"
         )
     check.check_first_batch(model, loss_fn, tensors, batch_size=options["batch_size"], last_label=last_label)
     return Plan(
@@ -119,6 +141,7 @@ def make_plan(
         train_data=tuple(tensors),
         metrics=resolved_metrics,
         extra=dict(extra or {}),
+        grad_clip=grad_clip,
         **options,
     )
 
@@ -129,6 +152,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
     check.check_bool("last_label", options["last_label"])
     check.check_bool("drop_last", options["drop_last"])
     check.check_int("step_offset", options["step_offset"])
+    check.check_int("accumulate", options["accumulate"], minimum=1)
     if options["every"] is not None:
         check.check_int("every", options["every"], minimum=1)
     check.check_choice("engine", options["engine"], ENGINE_NAMES)

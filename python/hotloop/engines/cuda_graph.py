@@ -142,6 +142,10 @@ class CudaGraphEngine:
         self.warmup_steps = warmup_steps
 
     def refuse(self, plan: Plan) -> str | None:
+        if plan.grad_clip is not None:
+            return "it does not clip gradients (clip_grad_norm, clip_grad_value); the native engine does"
+        if plan.accumulate > 1:
+            return "it does not accumulate gradients (accumulate > 1); the native engine does"
         return graph_refusal(
             plan.model,
             plan.optimizer,

@@ -8,8 +8,10 @@ from typing import Any
 from .. import op_capture, optim
 from .._native import _C
 from .._shared import example_batches
+from ..clipping import stepped_params
 from ..fidelity import UserState
 from ..plan import Plan
+from ..speed_rules import slower_natively
 from .base import EngineRun
 
 
@@ -18,13 +20,18 @@ class NativeEngine:
     auto_devices = ("cpu", "cuda")
 
     def refuse(self, plan: Plan) -> str | None:
+        if plan.engine == "auto" and plan.device.type == "cpu":
+            slower = slower_natively(plan.model)
+            if slower is not None:
+                return slower
         if plan.amp is not None:
             return "it does not run mixed precision (amp)"
         kind = type(plan.optimizer)
         if plan.device.type != "cpu" and plan.guard_nonfinite and kind not in optim.SKIPS_ON_DEVICE:
             return (
                 f"off the CPU the non-finite guard skips steps on the device, which {kind.__name__} cannot "
-                "(only SGD, Adam and AdamW can); pass on_nonfinite='continue' to run it natively"
+                "(only SGD, Adam and AdamW can); pass on_nonfinite='continue' (and no error_if_nonfinite in "
+                "clip_grad_norm) to run it natively"
             )
         return optim.native_refusal(plan.optimizer)
 
@@ -51,6 +58,7 @@ class _NativeWindows:
     def __init__(self, plan: Plan, handle: Any) -> None:
         self.plan, self.handle = plan, handle
         self.captured = self._capture()
+        self.clipped_ids = [id(p) for p in self._clipped()]
         # Python state that forward reads (a temperature a stage anneals between events) is baked into the
         # graphs: when it changes, they are captured again.
         self.watched = UserState(plan.model, plan.loss_fn, tensors=False)
@@ -69,10 +77,16 @@ class _NativeWindows:
         return op_capture.capture_step(
             plan.model,
             plan.loss_fn,
-            example_batches(plan.train_data, plan.batch_size, plan.drop_last, plan.shuffle),
+            example_batches(plan.train_data, plan.step_samples, plan.drop_last, plan.shuffle),
             last_label=plan.last_label,
             metrics=plan.metric_fns,
+            gradients=op_capture.Gradients(
+                plan.accumulate, plan.batch_size, plan.grad_clip, tuple(self._clipped())
+            ),
         )
+
+    def _clipped(self) -> list[Any]:
+        return stepped_params(self.plan.optimizer) if self.plan.grad_clip is not None else []
 
     def _not_stepped(self) -> list[bool]:
         # a plain loop's zero_grad() never reaches these, so their .grad sums over steps
@@ -84,6 +98,9 @@ class _NativeWindows:
         if captured.refresh(plan.model):
             self.step.bind(captured.params, captured.state)
         changed = self.watched.changes()
+        if [id(p) for p in self._clipped()] != self.clipped_ids:
+            changed = [*changed, "the optimizer's parameters (which clip_grad_norm clips)"]
+            self.clipped_ids = [id(p) for p in self._clipped()]
         if changed:
             try:
                 fresh = self._capture()

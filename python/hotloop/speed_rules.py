@@ -1,0 +1,24 @@
+"""Models the native engine runs slower than eager, by a rule (never by a measurement, so the engine
+``engine="auto"`` picks, and with it the results, cannot depend on the machine's load)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def slower_natively(model: nn.Module) -> str | None:
+    """Why ``engine="auto"`` should not choose the native engine for ``model`` on the CPU, or None.
+
+    ``nn.LSTM`` runs as one fused oneDNN kernel per layer in eager (``mkldnn_rnn_layer`` and its backward);
+    traced under ``torch.func`` it is decomposed into several small ops per time step, and the native step
+    measured 0.75x of the eager loop (bench/recipes.py). Tracing the fused kernel instead fails in torch
+    2.13's fake-tensor rule for its backward. GRU and RNN have no fused CPU kernel: native is faster.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LSTM):
+            where = f" ({name})" if name else ""
+            return (
+                f"the model has an nn.LSTM{where}, whose fused CPU kernel the capture splits into "
+                "per-time-step ops, which run slower than eager; pass engine='native' to run it natively"
+            )
+    return None
