@@ -583,3 +583,38 @@ def test_python_state_changed_between_events_is_captured_again():
         assert next(stream)["engine"] == "native"
     stream.close()
     assert_same_weights(model, plain)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+def test_native_optimizer_steps_bitwise_as_the_users_optimizer(kind, fused):
+    """The native step uses the fused kernels only when the user's optimizer does: either way bitwise."""
+    options = {"lr": 0.05, "fused": fused} | ({"momentum": 0.9} if kind is torch.optim.SGD else {})
+    torch.manual_seed(0)
+    data = (torch.randn(96, 8), torch.randn(96, 1))
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+    plain = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(2)
+    plain_loop_losses(
+        data,
+        plain,
+        kind(plain.parameters(), **options),
+        F.mse_loss,
+        batch_size=16,
+        steps=12,
+        generator=generator,
+    )
+    generator.manual_seed(2)
+    stream = hotloop.fit(
+        data,
+        model,
+        kind(model.parameters(), **options),
+        F.mse_loss,
+        batch_size=16,
+        generator=generator,
+        engine="native",
+    )
+    next(stream), next(stream)
+    stream.close()
+    for (name, ours), theirs in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs), name

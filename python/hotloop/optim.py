@@ -41,21 +41,24 @@ SKIPS_ON_DEVICE = (SGD, Adam, AdamW)
 
 
 def native_optimizer(
-    optimizer: Optimizer, *, fused: bool = True
+    optimizer: Optimizer, *, fused: bool | None = None
 ) -> tuple[_C.NativeOptimizer | None, str | None]:
     """A native stepper for ``optimizer``, or ``(None, reason)`` saying why it cannot have one.
 
     ``fused=True`` runs ATen's fused kernels (``_fused_sgd_``, ``_fused_adam_``, ``_fused_adamw_``,
-    ``_fused_adagrad_`` on CPU), which match torch.optim's default for-loop implementation to a few float32
-    ulps per step (bitwise when the optimizer itself was built with ``fused=True``). ``fused=False``, and
-    every other optimizer, replays torch.optim's for-loop implementation op for op: bitwise equal to it on
-    CPU.
+    ``_fused_adagrad_`` on CPU): bitwise equal to an optimizer built with ``fused=True``, a few float32 ulps
+    per step from torch.optim's default for-loop implementation (which Adam can amplify into visibly
+    different training where gradients are rounding noise). ``fused=False``, and every other optimizer,
+    replays torch.optim's for-loop implementation op for op: bitwise equal to it on CPU. ``None`` (the
+    default) does what the user's optimizer does: fused only when all its param groups are.
     """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     reason = native_refusal(optimizer)
     if reason is not None:
         return None, reason
+    if fused is None:
+        fused = all(group.get("fused") for group in optimizer.param_groups)
     kind = type(optimizer)
     if kind in SPECS:
         native, options = SPECS[kind].handle(fused)
