@@ -1,0 +1,256 @@
+"""fit_many's optimizer update: one pass over K stacked models' flat ``[K, P]`` tensors with per-model
+hyperparameters, op for op what torch.optim's single-tensor SGD/Adam/AdamW do per model, and the copy of
+torch.optim's own state in and out of the stacked tensors at each window's ends.
+
+A model that does not take part in a step (frozen, or out of batches at an epoch's end) gets weights that
+make every op the identity on its row, so its parameters and state stay bitwise as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# torch.optim classes and the options that must be equal across the K optimizers (flags that change the
+# op sequence); the numeric hyperparameters may differ per model.
+_FLAGS = {
+    torch.optim.SGD: ("nesterov", "maximize", "differentiable"),
+    torch.optim.Adam: ("amsgrad", "maximize", "differentiable", "decoupled_weight_decay"),
+    torch.optim.AdamW: ("amsgrad", "maximize", "differentiable"),
+}
+
+
+def refusal_reason(
+    optimizers: Sequence[torch.optim.Optimizer], params: Sequence[Sequence[Any]]
+) -> str | None:
+    """Why the stacked update cannot stand in for these K optimizers, or None. ``params[k]`` are model k's
+    trainable parameters in the stacked order."""
+    kinds = {type(o) for o in optimizers}
+    if len(kinds) != 1:
+        return f"the optimizers are of different classes ({', '.join(sorted(k.__name__ for k in kinds))})"
+    kind = kinds.pop()
+    if kind not in _FLAGS:
+        return f"fit_many stacks only SGD, Adam and AdamW, not {kind.__name__}"
+    for name in _FLAGS[kind]:
+        values = {bool(g.get(name, False)) for o in optimizers for g in o.param_groups}
+        if len(values) > 1:
+            return f"the optimizers disagree on {name}, which changes the update's op sequence"
+    if any(g.get("differentiable", False) for o in optimizers for g in o.param_groups):
+        return "differentiable optimizers are not stacked"
+    for k, (optimizer, own) in enumerate(zip(optimizers, params, strict=True)):
+        stepped = [p for g in optimizer.param_groups for p in g["params"]]
+        if {id(p) for p in stepped} != {id(p) for p in own} or len(stepped) != len(own):
+            return (
+                f"optimizer {k} does not step exactly model {k}'s trainable parameters (each optimizer must "
+                "hold each of its model's trainable parameters once, and nothing else)"
+            )
+        for g in optimizer.param_groups:
+            if isinstance(g.get("lr"), torch.Tensor) and g["lr"].numel() != 1:
+                return f"optimizer {k} has a non-scalar tensor lr"
+    return None
+
+
+class StackedOptimizer:
+    """The K optimizers' update over flat ``[K, P]`` parameter rows, with torch.optim's state copied in at
+    ``load`` and back at ``store``."""
+
+    def __init__(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer],
+        params: Sequence[Sequence[torch.Tensor]],
+        flat: torch.Tensor,
+        offsets: Sequence[tuple[int, int]],
+    ) -> None:
+        self.optimizers, self.params, self.flat, self.offsets = list(optimizers), params, flat, offsets
+        self.kind = type(optimizers[0])
+        group = optimizers[0].param_groups[0]
+        self.maximize = bool(group.get("maximize", False))
+        self.K = flat.shape[0]
+        zeros = torch.zeros_like(flat)
+        if self.kind is torch.optim.SGD:
+            self.nesterov = bool(group.get("nesterov", False))
+            self.buf = zeros
+            self.fresh = torch.ones(self.K, 1, dtype=torch.bool)  # no momentum buffer yet
+        else:
+            self.amsgrad = bool(group.get("amsgrad", False))
+            self.decoupled = self.kind is torch.optim.AdamW or bool(
+                group.get("decoupled_weight_decay", False)
+            )
+            self.exp_avg, self.exp_avg_sq = zeros, torch.zeros_like(flat)
+            self.max_exp_avg_sq = torch.zeros_like(flat) if self.amsgrad else None
+            self.steps = torch.zeros(self.K, 1, dtype=torch.float64)
+
+    # -- hyperparameters ----------------------------------------------------------------------------
+    def _hyper(self, name: str, pick: Any = None) -> torch.Tensor:
+        """``[K, 1]`` (or ``[K, P]`` when a model's param groups differ) float64 values of option ``name``."""
+        values = torch.empty(self.K, self.flat.shape[1], dtype=torch.float64)
+        for k, optimizer in enumerate(self.optimizers):
+            group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+            for p, (start, end) in zip(self.params[k], self.offsets, strict=True):
+                value = group_of[id(p)][name]
+                value = pick(value) if pick is not None else value
+                values[k, start:end] = float(value)
+        if bool((values == values[:, :1]).all()):
+            return values[:, :1].clone()
+        return values
+
+    def begin_window(self) -> None:
+        """Reads the param groups afresh (``lr`` may change between events)."""
+        self.lr = self._hyper("lr")
+        self.wd = self._hyper("weight_decay")
+        if self.kind is torch.optim.SGD:
+            self.momentum = self._hyper("momentum")
+            self.dampening = self._hyper("dampening")
+            self.any_momentum = bool((self.momentum != 0).any())
+        else:
+            self.beta1 = self._hyper("betas", lambda b: b[0])
+            self.beta2 = self._hyper("betas", lambda b: b[1])
+            self.eps = self._hyper("eps")
+        self.any_wd = bool((self.wd != 0).any())
+        self._masked: dict[bytes, dict[str, torch.Tensor]] = {}
+
+    def _weights(self, taking: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per-step constants in the parameters' dtype, with non-participating rows made identities."""
+        key = b"" if taking is None else bytes(taking.flatten().tolist())
+        cached = self._masked.get(key)
+        if cached is not None:
+            return cached
+        dtype = self.flat.dtype
+        on = torch.ones(self.K, 1, dtype=torch.bool) if taking is None else taking
+
+        def keep(value: torch.Tensor, identity: float) -> torch.Tensor:
+            return torch.where(on, value, torch.full_like(value, identity))
+
+        w: dict[str, torch.Tensor] = {"on": on}
+        if self.kind is torch.optim.SGD:
+            w["wd"] = self.wd.to(dtype)
+            w["neg_lr"] = keep(-self.lr, 0.0).to(dtype)
+            w["momentum"] = self.momentum.to(dtype)
+            w["keep_buf"] = keep(self.momentum, 1.0)  # float64; fresh rows get 0 per step
+            w["take"] = keep(1 - self.dampening, 0.0)
+        else:
+            w["wd"] = self.wd.to(dtype)
+            w["decay"] = keep(1 - self.lr * self.wd, 1.0).to(dtype)
+            w["w1"] = keep(1 - self.beta1, 0.0).to(dtype)
+            w["b2"] = keep(self.beta2, 1.0).to(dtype)
+            w["c2"] = keep(1 - self.beta2, 0.0).to(dtype)
+            w["eps"] = self.eps.to(dtype)
+            w["lr"] = keep(self.lr, 0.0)
+        self._masked[key] = w
+        return w
+
+    # -- the update -----------------------------------------------------------------------------------
+    def step(self, grad: torch.Tensor, taking: torch.Tensor | None) -> None:
+        """One update of every taking model's row (``taking``: ``[K, 1]`` bool, None for all). ``grad`` is
+        the flat gradient; rows that do not take the step must hold finite values (zeros)."""
+        w = self._weights(taking)
+        param = self.flat
+        if self.maximize:
+            grad = -grad
+        if self.kind is torch.optim.SGD:
+            if self.any_wd:
+                grad = grad + param * w["wd"]
+            if self.any_momentum:
+                fresh = self.fresh & w["on"]
+                keep_buf = torch.where(fresh, 0.0, w["keep_buf"]).to(param.dtype)
+                take = torch.where(fresh, 1.0, w["take"]).to(param.dtype)
+                self.buf.mul_(keep_buf).add_(grad * take)
+                self.fresh &= ~w["on"]
+                grad = grad + self.buf * w["momentum"] if self.nesterov else self.buf
+            param.add_(grad * w["neg_lr"])
+            return
+        on = w["on"]
+        self.steps += on
+        if self.any_wd:
+            if self.decoupled:
+                param.mul_(w["decay"])
+            else:
+                grad = grad + param * w["wd"]
+        self.exp_avg.lerp_(grad, w["w1"])
+        self.exp_avg_sq.mul_(w["b2"]).addcmul_(grad * w["c2"], grad)
+        steps = torch.where(on, self.steps, 1.0)
+        bias_correction1 = 1 - self.beta1**steps
+        bias_correction2_sqrt = (1 - self.beta2**steps) ** 0.5
+        neg_step_size = (-(w["lr"] / bias_correction1)).to(param.dtype)
+        second = self.exp_avg_sq
+        if self.amsgrad:
+            torch.maximum(self.max_exp_avg_sq, self.exp_avg_sq, out=self.max_exp_avg_sq)
+            second = self.max_exp_avg_sq
+        denom = (second.sqrt() / bias_correction2_sqrt.to(param.dtype)).add_(w["eps"])
+        param.addcdiv_(self.exp_avg * neg_step_size, denom)
+
+    # -- torch.optim's state in and out ---------------------------------------------------------------
+    def _rows(self, k: int) -> list[tuple[torch.Tensor, int, int]]:
+        return [(p, start, end) for p, (start, end) in zip(self.params[k], self.offsets, strict=True)]
+
+    def load(self) -> None:
+        """Copies each optimizer's torch.optim state into the stacked tensors."""
+        with torch.no_grad():
+            for k, optimizer in enumerate(self.optimizers):
+                steps = set()
+                for p, start, end in self._rows(k):
+                    state = optimizer.state.get(p, {})
+                    if self.kind is torch.optim.SGD:
+                        buf = state.get("momentum_buffer")
+                        self.fresh[k] = buf is None
+                        if buf is not None:
+                            self.buf[k, start:end].copy_(buf.reshape(-1))
+                        continue
+                    if "step" not in state:
+                        steps.add(0.0)
+                        self.exp_avg[k, start:end].zero_()
+                        self.exp_avg_sq[k, start:end].zero_()
+                        if self.max_exp_avg_sq is not None:
+                            self.max_exp_avg_sq[k, start:end].zero_()
+                        continue
+                    steps.add(float(state["step"]))
+                    self.exp_avg[k, start:end].copy_(state["exp_avg"].reshape(-1))
+                    self.exp_avg_sq[k, start:end].copy_(state["exp_avg_sq"].reshape(-1))
+                    if self.max_exp_avg_sq is not None:
+                        self.max_exp_avg_sq[k, start:end].copy_(state["max_exp_avg_sq"].reshape(-1))
+                if self.kind is not torch.optim.SGD:
+                    if len(steps) > 1:
+                        raise ValueError(
+                            f"optimizer {k}'s parameters have taken different numbers of steps "
+                            f"({sorted(steps)}); fit_many needs one step count per model"
+                        )
+                    self.steps[k] = steps.pop() if steps else 0.0
+
+    def store(self, took_steps: Sequence[bool]) -> None:
+        """Hands the stacked state back to torch.optim's objects (in place where the tensors exist, so
+        references the user holds stay live). Models that never took a step keep an empty state."""
+        with torch.no_grad():
+            for k, optimizer in enumerate(self.optimizers):
+                group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+                for p, start, end in self._rows(k):
+                    state = optimizer.state[p] if took_steps[k] or p in optimizer.state else None
+                    if state is None:
+                        continue
+                    if self.kind is torch.optim.SGD:
+                        if group_of[id(p)]["momentum"] == 0 or bool(self.fresh[k]):
+                            state.setdefault("momentum_buffer", None)
+                            continue
+                        _put(state, "momentum_buffer", self.buf[k, start:end], p)
+                        continue
+                    if self.steps[k].item() == 0:
+                        continue
+                    step = state.get("step")
+                    if isinstance(step, torch.Tensor):
+                        step.fill_(self.steps[k].item())
+                    else:
+                        state["step"] = torch.tensor(self.steps[k].item(), dtype=torch.float32)
+                    _put(state, "exp_avg", self.exp_avg[k, start:end], p)
+                    _put(state, "exp_avg_sq", self.exp_avg_sq[k, start:end], p)
+                    if self.max_exp_avg_sq is not None:
+                        _put(state, "max_exp_avg_sq", self.max_exp_avg_sq[k, start:end], p)
+
+
+def _put(state: dict[str, Any], key: str, row: torch.Tensor, like: torch.Tensor) -> None:
+    value = row.reshape(like.shape)
+    existing = state.get(key)
+    if isinstance(existing, torch.Tensor) and existing.shape == like.shape:
+        existing.copy_(value)
+    else:
+        state[key] = torch.empty_like(like, memory_format=torch.preserve_format).copy_(value)
