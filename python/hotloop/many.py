@@ -329,6 +329,9 @@ class _Stacked:
         self.position = 0
         self.schedule: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
         self.orders: list[torch.Tensor] | None = None
+        self.shared_source = plan.generators[0] if plan.generators[0] is not None else torch.default_generator
+        start = self.shared_source.get_state()
+        self.copies = [torch.Generator().set_state(start) for _ in range(K)]
         if plan.resume is not None:
             self._restore_objects(plan.resume)
         self.stacked: StackedModels = stack(plan.models)
@@ -382,17 +385,14 @@ class _Stacked:
             return [torch.randperm(n, generator=g) if plan.shuffle else torch.arange(n)]
         orders = []
         if plan.order == "shared":
-            source = plan.generators[0] if plan.generators[0] is not None else torch.default_generator
-            start = source.get_state()
-            after = None
+            # each model draws from its own copy of the shared generator, as K fit() runs handed copies
+            # would; the shared generator then moves on as model 0's copy did
             for k in range(self.K):
                 n_k = len(self.sources[k])
-                g = torch.Generator().set_state(start)
-                perm = torch.randperm(n_k, generator=g) if plan.shuffle else torch.arange(n_k)
-                after = after if after is not None else g.get_state()
+                perm = torch.randperm(n_k, generator=self.copies[k]) if plan.shuffle else torch.arange(n_k)
                 orders.append(self.sources[k][perm])
             if plan.shuffle:
-                source.set_state(after)
+                self.shared_source.set_state(self.copies[0].get_state())
             return orders
         for k in range(self.K):
             base = self.sources[k] if self.sources is not None else torch.arange(plan.n)
@@ -603,6 +603,7 @@ class _Stacked:
             "position": self.position,
             "orders": [o.clone() for o in self.orders] if self.orders is not None else None,
             "generators": [g.get_state() if g is not None else None for g in plan.generators],
+            "copies": [g.get_state() for g in self.copies],
             "rng": torch.get_rng_state(),
         }
 
@@ -618,6 +619,8 @@ class _Stacked:
         for g, s in zip(self.plan.generators, state["generators"], strict=True):
             if g is not None and s is not None:
                 g.set_state(s)
+        for g, s in zip(self.copies, state["copies"], strict=True):
+            g.set_state(s)
         torch.set_rng_state(state["rng"])
         self.step, self.updates = state["step"], list(state["updates"])
         self.active, self.epochs_completed = list(state["active"]), state["epochs_completed"]

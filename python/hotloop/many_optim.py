@@ -225,15 +225,14 @@ class StackedOptimizer:
             for k, optimizer in enumerate(self.optimizers):
                 group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
                 for p, start, end in self._rows(k):
-                    state = optimizer.state[p] if took_steps[k] or p in optimizer.state else None
-                    if state is None:
+                    if not took_steps[k] and p not in optimizer.state:
                         continue
                     if self.kind is torch.optim.SGD:
-                        if group_of[id(p)]["momentum"] == 0 or bool(self.fresh[k]):
-                            state.setdefault("momentum_buffer", None)
-                            continue
-                        _put(state, "momentum_buffer", self.buf[k, start:end], p)
+                        # torch.optim.SGD keeps a state only for momentum buffers it created
+                        if group_of[id(p)]["momentum"] != 0 and not bool(self.fresh[k]):
+                            _put(optimizer.state[p], "momentum_buffer", self.buf[k, start:end], p)
                         continue
+                    state = optimizer.state[p]
                     if self.steps[k].item() == 0:
                         continue
                     step = state.get("step")
