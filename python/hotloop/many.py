@@ -348,7 +348,14 @@ class _Stacked:
         )
         if plan.resume is not None:
             self._restore_position(plan.resume)
-        self.last_grad = torch.zeros_like(self.stacked.flat)
+        self.last_grad = torch.zeros_like(self.stacked.flat)  # each model's gradient of its last step
+        self.grad_views = [
+            [
+                self.last_grad[k, a:b].view(p.shape)
+                for p, (a, b) in zip(own, self.stacked.offsets, strict=True)
+            ]
+            for k, own in enumerate(self.stacked.user_train)
+        ]
 
     # -- data order ------------------------------------------------------------------------------------
     def _sizes(self) -> list[int]:
@@ -560,7 +567,7 @@ class _Stacked:
         grad = torch.cat([g.reshape(K, -1) for g in outputs[:n_train]], dim=1)
         if every_row:
             self.optimizer.step(grad, None)
-            self.last_grad = grad
+            self.last_grad.copy_(grad)
             loss_sum.add_(losses, alpha=size)
             for i, sums in enumerate(metric_sums):
                 sums.add_(outputs[n_train + 1 + i], alpha=size)
@@ -568,7 +575,7 @@ class _Stacked:
         else:
             grad = torch.where(rows, grad, 0.0)
             self.optimizer.step(grad, rows)
-            self.last_grad = torch.where(rows, grad, self.last_grad)
+            torch.where(rows, grad, self.last_grad, out=self.last_grad)
             flat_rows = rows.flatten()
             loss_sum.add_(torch.where(flat_rows, losses.double() * size, 0.0))
             for i, sums in enumerate(metric_sums):
@@ -581,12 +588,18 @@ class _Stacked:
     def _end_window(self, updates_before: list[int]) -> None:
         self.stacked.store()
         self.optimizer.store([u > 0 for u in self.updates])
+        destinations, sources = [], []
         with torch.no_grad():
             for k in range(self.K):
                 if self.updates[k] == updates_before[k]:
                     continue
-                for p, (a, b) in zip(self.stacked.user_train[k], self.stacked.offsets, strict=True):
-                    p.grad = self.last_grad[k, a:b].reshape(p.shape).clone()
+                for p, view in zip(self.stacked.user_train[k], self.grad_views[k], strict=True):
+                    if p.grad is None or p.grad.shape != p.shape:
+                        p.grad = torch.empty_like(p)
+                    destinations.append(p.grad)
+                    sources.append(view)
+            if destinations:
+                torch._foreach_copy_(destinations, sources)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

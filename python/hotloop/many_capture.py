@@ -66,31 +66,38 @@ class StackedModels:
     user_train: list[list[torch.Tensor]]  # [k][i]: model k's parameter i
     user_state: list[list[torch.Tensor]]
     graphs: dict[int, Any] = field(default_factory=dict)
+    rows: list[list[torch.Tensor]] = field(default_factory=list)  # [i][k]: model k's row of tensor i
+
+    def __post_init__(self) -> None:
+        self.rows = [list(t.unbind(0)) for t in (*self.train, *self.state)]
 
     @property
     def K(self) -> int:
         return self.flat.shape[0]
 
     def load(self) -> None:
-        """Copies the user's tensors in (they may have changed between events)."""
+        """Copies the user's tensors in (they may have changed between events): one copy per tensor name."""
         with torch.no_grad():
-            for k in range(self.K):
-                for stacked, own in zip(self.train, self.user_train[k], strict=True):
-                    stacked[k].copy_(own)
-                for stacked, own in zip(self.state, self.user_state[k], strict=True):
-                    stacked[k].copy_(own)
+            for i, users in enumerate(self._users()):
+                torch._foreach_copy_(self.rows[i], users)
 
     def store(self) -> None:
         """Copies the trained tensors back into the user's models."""
         with torch.no_grad():
-            for k in range(self.K):
-                for stacked, own in zip(self.train, self.user_train[k], strict=True):
-                    own.copy_(stacked[k])
-                for stacked, own in zip(self.state, self.user_state[k], strict=True):
-                    own.copy_(stacked[k])
+            for i, users in enumerate(self._users()):
+                torch._foreach_copy_(users, self.rows[i])
+
+    def _users(self) -> list[list[torch.Tensor]]:
+        """[i][k]: model k's tensor i, in the order of ``rows``."""
+        n = len(self.train)
+        return [
+            [(self.user_train[k][i] if i < n else self.user_state[k][i - n]) for k in range(self.K)]
+            for i in range(n + len(self.state))
+        ]
 
     def check_unchanged(self, models: Sequence[nn.Module]) -> None:
-        """Raise CaptureError if a model's tensors were replaced by ones of another layout since capture."""
+        """Follow tensors the user replaced (``module.weight = ...``); raise CaptureError if one has another
+        layout than at capture."""
         for k, model in enumerate(models):
             names, train, state_names, state = _split_parameters(model)
             if names != self.train_names or state_names != self.state_names:

@@ -81,10 +81,23 @@ class StackedOptimizer:
             self.exp_avg, self.exp_avg_sq = zeros, torch.zeros_like(flat)
             self.max_exp_avg_sq = torch.zeros_like(flat) if self.amsgrad else None
             self.steps = torch.zeros(self.K, 1, dtype=torch.float64)
+        # [key][k][i]: model k's row of state ``key`` for parameter i, shaped like the parameter
+        self.views = {
+            key: [
+                [rows[k, a:b].view(p.shape) for p, (a, b) in zip(self.params[k], offsets, strict=True)]
+                for k in range(self.K)
+            ]
+            for key, rows in self._keys()
+        }
 
     # -- hyperparameters ----------------------------------------------------------------------------
     def _hyper(self, name: str, pick: Any = None) -> torch.Tensor:
         """``[K, 1]`` (or ``[K, P]`` when a model's param groups differ) float64 values of option ``name``."""
+        if all(len(o.param_groups) == 1 for o in self.optimizers):
+            values = [o.param_groups[0][name] for o in self.optimizers]
+            return torch.tensor(
+                [[float(pick(v) if pick is not None else v)] for v in values], dtype=torch.float64
+            )
         values = torch.empty(self.K, self.flat.shape[1], dtype=torch.float64)
         for k, optimizer in enumerate(self.optimizers):
             group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
@@ -182,74 +195,86 @@ class StackedOptimizer:
         param.addcdiv_(self.exp_avg * neg_step_size, denom)
 
     # -- torch.optim's state in and out ---------------------------------------------------------------
-    def _rows(self, k: int) -> list[tuple[torch.Tensor, int, int]]:
-        return [(p, start, end) for p, (start, end) in zip(self.params[k], self.offsets, strict=True)]
+    def _keys(self) -> list[tuple[str, torch.Tensor]]:
+        if self.kind is torch.optim.SGD:
+            return [("momentum_buffer", self.buf)]
+        keys = [("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)]
+        return keys + ([("max_exp_avg_sq", self.max_exp_avg_sq)] if self.max_exp_avg_sq is not None else [])
 
     def load(self) -> None:
-        """Copies each optimizer's torch.optim state into the stacked tensors."""
+        """Copies each optimizer's torch.optim state into the stacked tensors (one copy per state key)."""
+        sgd = self.kind is torch.optim.SGD
+        copies: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
+            key: ([], []) for key, _ in self._keys()
+        }
+        zeros: list[torch.Tensor] = []
         with torch.no_grad():
             for k, optimizer in enumerate(self.optimizers):
                 steps = set()
-                for p, start, end in self._rows(k):
+                for i, p in enumerate(self.params[k]):
                     state = optimizer.state.get(p, {})
-                    if self.kind is torch.optim.SGD:
+                    if sgd:
                         buf = state.get("momentum_buffer")
                         self.fresh[k] = buf is None
                         if buf is not None:
-                            self.buf[k, start:end].copy_(buf.reshape(-1))
+                            copies["momentum_buffer"][0].append(self.views["momentum_buffer"][k][i])
+                            copies["momentum_buffer"][1].append(buf)
                         continue
                     if "step" not in state:
                         steps.add(0.0)
-                        self.exp_avg[k, start:end].zero_()
-                        self.exp_avg_sq[k, start:end].zero_()
-                        if self.max_exp_avg_sq is not None:
-                            self.max_exp_avg_sq[k, start:end].zero_()
+                        zeros += [self.views[key][k][i] for key, _ in self._keys()]
                         continue
                     steps.add(float(state["step"]))
-                    self.exp_avg[k, start:end].copy_(state["exp_avg"].reshape(-1))
-                    self.exp_avg_sq[k, start:end].copy_(state["exp_avg_sq"].reshape(-1))
-                    if self.max_exp_avg_sq is not None:
-                        self.max_exp_avg_sq[k, start:end].copy_(state["max_exp_avg_sq"].reshape(-1))
-                if self.kind is not torch.optim.SGD:
+                    for key, _ in self._keys():
+                        copies[key][0].append(self.views[key][k][i])
+                        copies[key][1].append(state[key])
+                if not sgd:
                     if len(steps) > 1:
                         raise ValueError(
                             f"optimizer {k}'s parameters have taken different numbers of steps "
                             f"({sorted(steps)}); fit_many needs one step count per model"
                         )
                     self.steps[k] = steps.pop() if steps else 0.0
+            for destinations, sources in copies.values():
+                if destinations:
+                    torch._foreach_copy_(destinations, sources)
+            if zeros:
+                torch._foreach_zero_(zeros)
 
     def store(self, took_steps: Sequence[bool]) -> None:
         """Hands the stacked state back to torch.optim's objects (in place where the tensors exist, so
-        references the user holds stay live). Models that never took a step keep an empty state."""
+        references the user holds stay live). Models that never took a step keep an empty state, and SGD
+        keeps none without momentum, as torch.optim does."""
+        sgd = self.kind is torch.optim.SGD
+        copies: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
+            key: ([], []) for key, _ in self._keys()
+        }
         with torch.no_grad():
             for k, optimizer in enumerate(self.optimizers):
-                group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-                for p, start, end in self._rows(k):
-                    if not took_steps[k] and p not in optimizer.state:
+                if not took_steps[k]:
+                    continue
+                if sgd:
+                    if bool(self.fresh[k]):
                         continue
-                    if self.kind is torch.optim.SGD:
-                        # torch.optim.SGD keeps a state only for momentum buffers it created
-                        if group_of[id(p)]["momentum"] != 0 and not bool(self.fresh[k]):
-                            _put(optimizer.state[p], "momentum_buffer", self.buf[k, start:end], p)
+                    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+                elif self.steps[k].item() == 0:
+                    continue
+                step = 0.0 if sgd else self.steps[k].item()
+                for i, p in enumerate(self.params[k]):
+                    if sgd and group_of[id(p)]["momentum"] == 0:
                         continue
                     state = optimizer.state[p]
-                    if self.steps[k].item() == 0:
-                        continue
-                    step = state.get("step")
-                    if isinstance(step, torch.Tensor):
-                        step.fill_(self.steps[k].item())
-                    else:
-                        state["step"] = torch.tensor(self.steps[k].item(), dtype=torch.float32)
-                    _put(state, "exp_avg", self.exp_avg[k, start:end], p)
-                    _put(state, "exp_avg_sq", self.exp_avg_sq[k, start:end], p)
-                    if self.max_exp_avg_sq is not None:
-                        _put(state, "max_exp_avg_sq", self.max_exp_avg_sq[k, start:end], p)
-
-
-def _put(state: dict[str, Any], key: str, row: torch.Tensor, like: torch.Tensor) -> None:
-    value = row.reshape(like.shape)
-    existing = state.get(key)
-    if isinstance(existing, torch.Tensor) and existing.shape == like.shape:
-        existing.copy_(value)
-    else:
-        state[key] = torch.empty_like(like, memory_format=torch.preserve_format).copy_(value)
+                    if not sgd:
+                        if isinstance(state.get("step"), torch.Tensor):
+                            state["step"].fill_(step)
+                        else:
+                            state["step"] = torch.tensor(step, dtype=torch.float32)
+                    for key, rows in self._keys():
+                        existing = state.get(key)
+                        if not (isinstance(existing, torch.Tensor) and existing.shape == p.shape):
+                            existing = state[key] = torch.empty_like(p, memory_format=torch.preserve_format)
+                        copies[key][0].append(existing)
+                        copies[key][1].append(self.views[key][k][i])
+            for destinations, sources in copies.values():
+                if destinations:
+                    torch._foreach_copy_(destinations, sources)
