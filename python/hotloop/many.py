@@ -60,7 +60,10 @@ class ManyStream(Iterator[Event]):
         return next(self._events)
 
     def close(self) -> None:
+        """Stop training; the models' and optimizers' tensors get their own storage back."""
         self._events.close()
+        if self._holder:
+            self._holder[0].release()
 
     def freeze(self, k: int) -> None:
         """Model ``k`` takes no further steps (its weights and optimizer state stay as they are)."""
@@ -77,7 +80,13 @@ class ManyStream(Iterator[Event]):
 
 def _generate(start: Callable[[], Any], holder: list[Any]) -> Iterator[Event]:
     holder.append(start())
-    yield from holder[0].events()
+    try:
+        yield from holder[0].events()
+    except GeneratorExit:
+        holder[0].release()
+        raise
+    # as for fit: an exception from training keeps the session, so state_dict() still works
+    holder[0].release()
 
 
 def kfold(
@@ -303,6 +312,24 @@ def _stack_reason(plan: _Plan) -> str | None:
     return optimizer_reason(plan.optimizers, params)
 
 
+def _detached(state: Any) -> Any:
+    """A deep copy whose tensors own just their values (the live ones are views of stacked storage)."""
+    copies = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            copies[id(value)] = value.detach().clone()
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(state)
+    return copy.deepcopy(state, copies)
+
+
 def _lr(optimizer: torch.optim.Optimizer) -> Any:
     lr = optimizer.param_groups[0].get("lr")
     return float(lr) if isinstance(lr, (int, float, torch.Tensor)) else lr
@@ -348,6 +375,7 @@ class _Stacked:
         )
         if plan.resume is not None:
             self._restore_position(plan.resume)
+        self.released = False
         self.last_grad = torch.zeros_like(self.stacked.flat)  # each model's gradient of its last step
         self.grad_views = [
             [
@@ -445,7 +473,8 @@ class _Stacked:
         plan = self.plan
         while any(self.active):
             for m in plan.models:
-                m.train()
+                if not m.training:
+                    m.train()
             started = time.perf_counter()
             totals = self._run_window()
             elapsed = time.perf_counter() - started
@@ -488,8 +517,8 @@ class _Stacked:
         plan, K = self.plan, self.K
         stacked, optimizer = self.stacked, self.optimizer
         stacked.check_unchanged(plan.models)
-        stacked.load()
-        optimizer.load()
+        stacked.bind()
+        optimizer.bind()
         optimizer.begin_window()
         loss_sum = torch.zeros(K, dtype=torch.float64)
         metric_sums = [torch.zeros(K, dtype=torch.float64) for _ in plan.metrics]
@@ -586,20 +615,26 @@ class _Stacked:
             samples[k] += size
 
     def _end_window(self, updates_before: list[int]) -> None:
-        self.stacked.store()
         self.optimizer.store([u > 0 for u in self.updates])
-        destinations, sources = [], []
-        with torch.no_grad():
-            for k in range(self.K):
-                if self.updates[k] == updates_before[k]:
-                    continue
-                for p, view in zip(self.stacked.user_train[k], self.grad_views[k], strict=True):
-                    if p.grad is None or p.grad.shape != p.shape:
-                        p.grad = torch.empty_like(p)
-                    destinations.append(p.grad)
-                    sources.append(view)
-            if destinations:
-                torch._foreach_copy_(destinations, sources)
+        for k in range(self.K):
+            if self.updates[k] == updates_before[k]:
+                continue
+            for p, view in zip(self.stacked.user_train[k], self.grad_views[k], strict=True):
+                if p.grad is not view:
+                    p.grad = view
+
+    def release(self) -> None:
+        """The user's tensors (parameters, buffers, optimizer state, ``.grad``) stop being views of the
+        stacked storage, so saving one model saves only its own values."""
+        if self.released:
+            return
+        self.released = True
+        self.stacked.unbind()
+        self.optimizer.unbind()
+        for k in range(self.K):
+            for p, view in zip(self.stacked.user_train[k], self.grad_views[k], strict=True):
+                if p.grad is view:
+                    p.grad = view.clone()
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -607,8 +642,8 @@ class _Stacked:
         return {
             "version": STATE_VERSION,
             "kind": "stacked",
-            "models": [copy.deepcopy(m.state_dict()) for m in plan.models],
-            "optimizers": [copy.deepcopy(o.state_dict()) for o in plan.optimizers],
+            "models": [_detached(m.state_dict()) for m in plan.models],
+            "optimizers": [_detached(o.state_dict()) for o in plan.optimizers],
             "step": self.step,
             "updates": list(self.updates),
             "active": list(self.active),
@@ -743,6 +778,10 @@ class _Sequential:
             if any(s is not None for s in nonfinite):
                 event["nonfinite_step"] = nonfinite
             yield event
+
+    def release(self) -> None:
+        for stream in self.streams:
+            stream.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {

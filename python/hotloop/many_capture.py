@@ -67,6 +67,7 @@ class StackedModels:
     user_state: list[list[torch.Tensor]]
     graphs: dict[int, Any] = field(default_factory=dict)
     rows: list[list[torch.Tensor]] = field(default_factory=list)  # [i][k]: model k's row of tensor i
+    seen: list[list[torch.Tensor]] = field(default_factory=list)  # [k]: model k's tensors at the last check
 
     def __post_init__(self) -> None:
         self.rows = [list(t.unbind(0)) for t in (*self.train, *self.state)]
@@ -75,17 +76,26 @@ class StackedModels:
     def K(self) -> int:
         return self.flat.shape[0]
 
-    def load(self) -> None:
-        """Copies the user's tensors in (they may have changed between events): one copy per tensor name."""
+    def bind(self) -> None:
+        """Makes every user tensor a view of its row of the stacked storage (its ``.data`` swapped, the
+        object kept), first copying in the values of any tensor that is not such a view (at the start, or
+        replaced or loaded by the user between events). The stacked step then trains the user's tensors
+        themselves: nothing is copied back."""
         with torch.no_grad():
             for i, users in enumerate(self._users()):
-                torch._foreach_copy_(self.rows[i], users)
+                rows = self.rows[i]
+                for k, own in enumerate(users):
+                    if own.data_ptr() != rows[k].data_ptr():
+                        rows[k].copy_(own)
+                        own.data = rows[k]
 
-    def store(self) -> None:
-        """Copies the trained tensors back into the user's models."""
+    def unbind(self) -> None:
+        """Gives every user tensor its own storage again (the stream ended)."""
         with torch.no_grad():
             for i, users in enumerate(self._users()):
-                torch._foreach_copy_(users, self.rows[i])
+                for k, own in enumerate(users):
+                    if own.data_ptr() == self.rows[i][k].data_ptr():
+                        own.data = own.data.clone()
 
     def _users(self) -> list[list[torch.Tensor]]:
         """[i][k]: model k's tensor i, in the order of ``rows``."""
@@ -99,6 +109,10 @@ class StackedModels:
         """Follow tensors the user replaced (``module.weight = ...``); raise CaptureError if one has another
         layout than at capture."""
         for k, model in enumerate(models):
+            current = [*model.parameters(), *model.buffers()]
+            seen = self.seen[k] if k < len(self.seen) else []
+            if len(current) == len(seen) and all(a is b for a, b in zip(current, seen, strict=True)):
+                continue
             names, train, state_names, state = _split_parameters(model)
             if names != self.train_names or state_names != self.state_names:
                 raise CaptureError(f"models[{k}]'s trainable parameters or buffers changed since capture")
@@ -108,6 +122,9 @@ class StackedModels:
                         f"a tensor of models[{k}] changed shape, dtype or device since capture"
                     )
             self.user_train[k], self.user_state[k] = train, state
+            while len(self.seen) <= k:
+                self.seen.append([])
+            self.seen[k] = current
 
 
 def stack(models: Sequence[nn.Module]) -> StackedModels:
@@ -136,7 +153,7 @@ def stack(models: Sequence[nn.Module]) -> StackedModels:
         [list(s[1]) for s in splits],
         [list(s[3]) for s in splits],
     )
-    stacked.load()
+    stacked.bind()
     return stacked
 
 

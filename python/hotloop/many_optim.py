@@ -81,6 +81,9 @@ class StackedOptimizer:
             self.exp_avg, self.exp_avg_sq = zeros, torch.zeros_like(flat)
             self.max_exp_avg_sq = torch.zeros_like(flat) if self.amsgrad else None
             self.steps = torch.zeros(self.K, 1, dtype=torch.float64)
+        # torch.optim's per-parameter step tensors, as views: [k][i]
+        self.step_rows = torch.zeros(self.K, len(params[0]), dtype=torch.float32)
+        self.step_views = [list(row.unbind(0)) for row in self.step_rows.unbind(0)]
         # [key][k][i]: model k's row of state ``key`` for parameter i, shaped like the parameter
         self.views = {
             key: [
@@ -201,33 +204,35 @@ class StackedOptimizer:
         keys = [("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)]
         return keys + ([("max_exp_avg_sq", self.max_exp_avg_sq)] if self.max_exp_avg_sq is not None else [])
 
-    def load(self) -> None:
-        """Copies each optimizer's torch.optim state into the stacked tensors (one copy per state key)."""
+    def bind(self) -> None:
+        """Makes each optimizer's torch.optim state tensors views of the stacked rows (copying in any that
+        are not, e.g. after ``load_state_dict``), so the fused update writes torch.optim's own state. Reads
+        each model's step count."""
         sgd = self.kind is torch.optim.SGD
-        copies: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
-            key: ([], []) for key, _ in self._keys()
-        }
-        zeros: list[torch.Tensor] = []
+        keys = [key for key, _ in self._keys()]
         with torch.no_grad():
             for k, optimizer in enumerate(self.optimizers):
                 steps = set()
                 for i, p in enumerate(self.params[k]):
-                    state = optimizer.state.get(p, {})
+                    state = optimizer.state.get(p)
                     if sgd:
-                        buf = state.get("momentum_buffer")
+                        buf = None if state is None else state.get("momentum_buffer")
                         self.fresh[k] = buf is None
                         if buf is not None:
-                            copies["momentum_buffer"][0].append(self.views["momentum_buffer"][k][i])
-                            copies["momentum_buffer"][1].append(buf)
+                            state["momentum_buffer"] = self._adopt(buf, self.views["momentum_buffer"][k][i])
                         continue
-                    if "step" not in state:
+                    if state is None or "step" not in state:
                         steps.add(0.0)
-                        zeros += [self.views[key][k][i] for key, _ in self._keys()]
+                        for key in keys:
+                            self.views[key][k][i].zero_()
                         continue
-                    steps.add(float(state["step"]))
-                    for key, _ in self._keys():
-                        copies[key][0].append(self.views[key][k][i])
-                        copies[key][1].append(state[key])
+                    step = state["step"]
+                    steps.add(float(step))
+                    for key in keys:
+                        state[key] = self._adopt(state[key], self.views[key][k][i])
+                    if step is not self.step_views[k][i]:
+                        self.step_views[k][i].fill_(float(step))
+                        state["step"] = self.step_views[k][i]
                 if not sgd:
                     if len(steps) > 1:
                         raise ValueError(
@@ -235,46 +240,45 @@ class StackedOptimizer:
                             f"({sorted(steps)}); fit_many needs one step count per model"
                         )
                     self.steps[k] = steps.pop() if steps else 0.0
-            for destinations, sources in copies.values():
-                if destinations:
-                    torch._foreach_copy_(destinations, sources)
-            if zeros:
-                torch._foreach_zero_(zeros)
+
+    @staticmethod
+    def _adopt(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        if tensor.data_ptr() != view.data_ptr():
+            view.copy_(tensor)
+        return view
 
     def store(self, took_steps: Sequence[bool]) -> None:
-        """Hands the stacked state back to torch.optim's objects (in place where the tensors exist, so
-        references the user holds stay live). Models that never took a step keep an empty state, and SGD
-        keeps none without momentum, as torch.optim does."""
+        """Publishes the step counts and creates the state entries of models that took their first step
+        (as views). Models that never took a step keep an empty state, and SGD keeps none without
+        momentum, as torch.optim does."""
         sgd = self.kind is torch.optim.SGD
-        copies: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
-            key: ([], []) for key, _ in self._keys()
-        }
+        keys = [key for key, _ in self._keys()]
         with torch.no_grad():
+            if not sgd:
+                self.step_rows.copy_(self.steps.to(torch.float32).expand_as(self.step_rows))
             for k, optimizer in enumerate(self.optimizers):
-                if not took_steps[k]:
+                if not took_steps[k] or (bool(self.fresh[k]) if sgd else self.steps[k].item() == 0):
                     continue
                 if sgd:
-                    if bool(self.fresh[k]):
-                        continue
                     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-                elif self.steps[k].item() == 0:
-                    continue
-                step = 0.0 if sgd else self.steps[k].item()
                 for i, p in enumerate(self.params[k]):
-                    if sgd and group_of[id(p)]["momentum"] == 0:
+                    if sgd:
+                        if group_of[id(p)]["momentum"] != 0:
+                            optimizer.state[p]["momentum_buffer"] = self.views["momentum_buffer"][k][i]
                         continue
                     state = optimizer.state[p]
-                    if not sgd:
-                        if isinstance(state.get("step"), torch.Tensor):
-                            state["step"].fill_(step)
-                        else:
-                            state["step"] = torch.tensor(step, dtype=torch.float32)
-                    for key, rows in self._keys():
-                        existing = state.get(key)
-                        if not (isinstance(existing, torch.Tensor) and existing.shape == p.shape):
-                            existing = state[key] = torch.empty_like(p, memory_format=torch.preserve_format)
-                        copies[key][0].append(existing)
-                        copies[key][1].append(self.views[key][k][i])
-            for destinations, sources in copies.values():
-                if destinations:
-                    torch._foreach_copy_(destinations, sources)
+                    if state.get("step") is self.step_views[k][i]:
+                        continue
+                    state["step"] = self.step_views[k][i]
+                    for key in keys:
+                        state[key] = self.views[key][k][i]
+
+    def unbind(self) -> None:
+        """torch.optim's state tensors get their own storage back (the stream ended)."""
+        with torch.no_grad():
+            for optimizer, params in zip(self.optimizers, self.params, strict=True):
+                for p in params:
+                    state = optimizer.state.get(p)
+                    for key, value in (state or {}).items():
+                        if isinstance(value, torch.Tensor):
+                            state[key] = value.clone()
