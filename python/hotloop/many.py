@@ -21,7 +21,7 @@ from . import _checks as check
 from ._shared import CaptureError, SlowPathWarning
 from .events import Event
 from .fit import NonFiniteLossError, fit
-from .many_capture import StackedModels, architecture_reason, capture, stack
+from .many_capture import StackedModels, TrainStep, architecture_reason, capture, stack
 from .many_optim import StackedOptimizer
 from .many_optim import refusal_reason as optimizer_reason
 
@@ -364,22 +364,27 @@ class _Stacked:
         self.stacked: StackedModels = stack(plan.models)
         params = [self.stacked.user_train[k] for k in range(K)]
         self.optimizer = StackedOptimizer(plan.optimizers, params, self.stacked.flat, self.stacked.offsets)
+        self.optimizer.bind()
+        self.train = TrainStep(self.stacked, plan.train_data, self.optimizer, len(plan.metrics))
+        self.guard = plan.on_nonfinite != "continue"
         capture(
             plan.models,
             self.stacked,
+            self.optimizer,
+            self.train,
             plan.loss_fn,
-            self._example_batches(),
+            self._example_indices(),
             last_label=plan.last_label,
             per_model_batch=self.per_model,
+            guard=self.guard,
             metrics=list(plan.metrics.values()),
         )
         if plan.resume is not None:
             self._restore_position(plan.resume)
         self.released = False
-        self.last_grad = torch.zeros_like(self.stacked.flat)  # each model's gradient of its last step
         self.grad_views = [
             [
-                self.last_grad[k, a:b].view(p.shape)
+                self.train.last_grad[k, a:b].view(p.shape)
                 for p, (a, b) in zip(own, self.stacked.offsets, strict=True)
             ]
             for k, own in enumerate(self.stacked.user_train)
@@ -396,21 +401,18 @@ class _Stacked:
                 sizes.add(n % bs)
         return sorted(sizes, reverse=True)
 
-    def _example_batches(self) -> list[list[torch.Tensor]]:
-        data = self.plan.train_data
-        batches = []
+    def _example_indices(self) -> list[torch.Tensor]:
+        indices = []
         for size in self._sizes():
             if self.per_model:
-                idx = torch.stack(
-                    [
-                        (self.sources[k] if self.sources is not None else torch.arange(self.plan.n))[:size]
-                        for k in range(self.K)
-                    ]
-                ).to(self.plan.device)
-                batches.append([t[idx] for t in data])
+                rows = [(s if s is not None else torch.arange(self.plan.n))[:size] for s in self._sources()]
+                indices.append(torch.stack(rows).to(self.plan.device))
             else:
-                batches.append([t[:size].contiguous() for t in data])
-        return batches
+                indices.append(torch.arange(size, device=self.plan.device))
+        return indices
+
+    def _sources(self) -> list[torch.Tensor | None]:
+        return list(self.sources) if self.sources is not None else [None] * self.K
 
     def _draw_orders(self) -> list[torch.Tensor]:
         plan = self.plan
@@ -515,23 +517,17 @@ class _Stacked:
 
     def _run_window(self) -> dict[str, Any]:
         plan, K = self.plan, self.K
-        stacked, optimizer = self.stacked, self.optimizer
+        stacked, optimizer, train = self.stacked, self.optimizer, self.train
         stacked.check_unchanged(plan.models)
         stacked.bind()
         optimizer.bind()
         optimizer.begin_window()
-        loss_sum = torch.zeros(K, dtype=torch.float64)
-        metric_sums = [torch.zeros(K, dtype=torch.float64) for _ in plan.metrics]
-        samples = [0] * K
+        train.reset_sums()
         nonfinite: list[int | None] = [None] * K
         raised = None
         updates_before = list(self.updates)
         active_mask = torch.tensor(self.active).reshape(K, 1)
-        all_active = all(self.active)
-        n_train = len(stacked.train)
-        inputs = list(stacked.train) + list(stacked.state)
-        data = plan.train_data
-        guard = plan.on_nonfinite != "continue"
+        inputs, idx_slot, on_slot = train.inputs, train.idx_slot, train.on_slot
         steps = 0
         try:
             while plan.every is None or steps < plan.every:
@@ -543,28 +539,21 @@ class _Stacked:
                 self.position += 1
                 steps += 1
                 rows = active_mask if taking is None else active_mask & taking.reshape(K, 1)
-                every_row = all_active if taking is None else bool(rows.all())
-                if bool(rows.any()):
-                    batch = (
-                        [t[idx] for t in data] if self.per_model else [t.index_select(0, idx) for t in data]
-                    )
-                    outputs = stacked.graphs[size](inputs + batch)
-                    losses = outputs[n_train]
-                    if guard and not bool(torch.isfinite(losses).all()):
-                        bad = (~torch.isfinite(losses)).reshape(K, 1) & rows
-                        if bool(bad.any()):
-                            if plan.on_nonfinite == "raise":
-                                first = int(bad.flatten().nonzero()[0])
-                                raised = (first, self.updates[first] + 1)
-                                break
-                            for k in bad.flatten().nonzero().flatten().tolist():
-                                nonfinite[k] = self.updates[k] + 1
-                                self.active[k] = False
-                            active_mask = torch.tensor(self.active).reshape(K, 1)
-                            all_active, every_row = False, False
-                            rows = rows & ~bad
-                    if bool(rows.any()):
-                        self._apply(outputs, rows, every_row, size, loss_sum, metric_sums, samples)
+                inputs[idx_slot] = idx
+                inputs[on_slot] = rows
+                (finite,) = stacked.graphs[size](inputs)
+                if self.guard and not bool(finite.all()):
+                    bad = (~finite).reshape(K, 1) & rows
+                    if bool(bad.any()):
+                        taken = [u + n for u, n in zip(updates_before, train.steps.tolist(), strict=True)]
+                        if plan.on_nonfinite == "raise":
+                            first = int(bad.flatten().nonzero()[0])
+                            raised = (first, taken[first] + 1)
+                            break
+                        for k in bad.flatten().nonzero().flatten().tolist():
+                            nonfinite[k] = taken[k] + 1
+                            self.active[k] = False
+                        active_mask = torch.tensor(self.active).reshape(K, 1)
                 if self.position >= len(self.schedule):
                     self.epochs_completed += 1
                     self.orders, self.schedule, self.position = None, [], 0
@@ -573,48 +562,15 @@ class _Stacked:
         finally:
             self._end_window(updates_before)
         return {
-            "loss": loss_sum,
-            "metrics": metric_sums,
-            "samples": samples,
+            "loss": train.loss_sum,
+            "metrics": train.metric_sums,
+            "samples": train.samples.tolist(),
             "nonfinite": nonfinite,
             "raise": raised,
         }
 
-    def _apply(
-        self,
-        outputs: list[torch.Tensor],
-        rows: torch.Tensor,
-        every_row: bool,
-        size: int,
-        loss_sum: torch.Tensor,
-        metric_sums: list[torch.Tensor],
-        samples: list[int],
-    ) -> None:
-        """The fused update of the models in ``rows`` and their window sums."""
-        K, n_train = self.K, len(self.stacked.train)
-        losses = outputs[n_train]
-        grad = torch.cat([g.reshape(K, -1) for g in outputs[:n_train]], dim=1)
-        if every_row:
-            self.optimizer.step(grad, None)
-            self.last_grad.copy_(grad)
-            loss_sum.add_(losses, alpha=size)
-            for i, sums in enumerate(metric_sums):
-                sums.add_(outputs[n_train + 1 + i], alpha=size)
-            taken = range(K)
-        else:
-            grad = torch.where(rows, grad, 0.0)
-            self.optimizer.step(grad, rows)
-            torch.where(rows, grad, self.last_grad, out=self.last_grad)
-            flat_rows = rows.flatten()
-            loss_sum.add_(torch.where(flat_rows, losses.double() * size, 0.0))
-            for i, sums in enumerate(metric_sums):
-                sums.add_(torch.where(flat_rows, outputs[n_train + 1 + i].double() * size, 0.0))
-            taken = flat_rows.nonzero().flatten().tolist()
-        for k in taken:
-            self.updates[k] += 1
-            samples[k] += size
-
     def _end_window(self, updates_before: list[int]) -> None:
+        self.updates = [u + n for u, n in zip(updates_before, self.train.steps.tolist(), strict=True)]
         self.optimizer.store([u > 0 for u in self.updates])
         for k in range(self.K):
             if self.updates[k] == updates_before[k]:

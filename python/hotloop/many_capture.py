@@ -194,19 +194,62 @@ def _stacked_step(
     return vmap(one, in_dims=(0, 0, *batch_dims))
 
 
+class TrainStep:
+    """The inputs of the stacked train-step graphs, in their order, and where the per-step ones go.
+
+    A graph takes ``[flat, *state, *data, idx, on, loss_sum, samples, steps, last_grad, *metric_sums,
+    *optimizer tensors]``: it gathers each model's batch (``idx``: ``[B]`` shared or ``[K, B]``), runs the
+    vmap'd joint forward+backward, and for the rows in ``on & isfinite(loss)`` (``on`` alone without the
+    guard) applies the fused update in place and adds to the window's sums; it returns ``isfinite(loss)``.
+    """
+
+    def __init__(
+        self, stacked: StackedModels, data: Sequence[torch.Tensor], optimizer: Any, num_metrics: int
+    ):
+        K = stacked.K
+        self.loss_sum = torch.zeros(K, dtype=torch.float64)
+        self.samples = torch.zeros(K, dtype=torch.int64)
+        self.steps = torch.zeros(K, dtype=torch.int64)
+        self.last_grad = torch.zeros_like(stacked.flat)  # each model's gradient of its last applied step
+        self.metric_sums = [torch.zeros(K, dtype=torch.float64) for _ in range(num_metrics)]
+        on = torch.ones(K, 1, dtype=torch.bool)
+        self.inputs: list[torch.Tensor] = [
+            stacked.flat,
+            *stacked.state,
+            *data,
+            torch.zeros(0, dtype=torch.int64),
+            on,
+            self.loss_sum,
+            self.samples,
+            self.steps,
+            self.last_grad,
+            *self.metric_sums,
+            *optimizer.tensors(),
+        ]
+        self.idx_slot = 1 + len(stacked.state) + len(data)
+        self.on_slot = self.idx_slot + 1
+
+    def reset_sums(self) -> None:
+        for t in (self.loss_sum, self.samples, self.steps, *self.metric_sums):
+            t.zero_()
+
+
 def capture(
     models: Sequence[nn.Module],
     stacked: StackedModels,
+    optimizer: Any,
+    train: TrainStep,
     loss_fn: Callable[..., torch.Tensor],
-    batches: Sequence[Sequence[torch.Tensor]],
+    example_indices: Sequence[torch.Tensor],
     *,
     last_label: bool,
     per_model_batch: bool,
+    guard: bool,
     metrics: Sequence[Callable[..., Any]] = (),
 ) -> None:
-    """Capture, lower and check one stacked graph per batch in ``batches`` (real batches: ``[B, ...]``
-    shared by all models, or ``[K, B, ...]`` with ``per_model_batch``) into ``stacked.graphs``. Raises
-    CaptureError with the reason."""
+    """Capture, lower and check one train-step graph per index tensor in ``example_indices`` (one per batch
+    size: ``[B]`` shared by all models, or ``[K, B]`` with ``per_model_batch``) into ``stacked.graphs``.
+    Raises CaptureError with the reason."""
     for k, model in enumerate(models):
         reason = refusal_reason(model, loss_fn)
         if reason is not None:
@@ -214,26 +257,53 @@ def capture(
     model = models[0]
     protected: dict[str, torch.Tensor] = {}
     for k in range(len(models)):
-        for name, t in zip(
-            stacked.train_names + stacked.state_names, stacked.user_train[k] + stacked.user_state[k]
-        ):
+        names = stacked.train_names + stacked.state_names
+        for name, t in zip(names, stacked.user_train[k] + stacked.user_state[k], strict=True):
             protected[f"models[{k}].{name}"] = t
-    num_batch = len(batches[0])
-    num_inputs = len(stacked.train) + len(stacked.state) + num_batch
-    for batch in batches:
-        size = batch[0].shape[1 if per_model_batch else 0]
+    K, n_state = stacked.K, len(stacked.state)
+    num_data = train.idx_slot - 1 - n_state
+    num_metrics = len(metrics)
+    shapes = [t.shape[1:] for t in stacked.train]
+    for idx in example_indices:
+        size = idx.shape[-1]
         if size in stacked.graphs:
             continue
-        step = _stacked_step(model, loss_fn, last_label, stacked, metrics, per_model_batch, num_batch)
+        joint = _stacked_step(model, loss_fn, last_label, stacked, metrics, per_model_batch, num_data)
+
+        def step(*inputs: torch.Tensor) -> tuple[torch.Tensor]:
+            flat, state = inputs[0], list(inputs[1 : 1 + n_state])
+            data = inputs[1 + n_state : 1 + n_state + num_data]
+            index, on, loss_sum, samples, steps, last_grad = inputs[train.idx_slot : train.idx_slot + 6]
+            metric_sums = inputs[train.idx_slot + 6 : train.idx_slot + 6 + num_metrics]
+            opt_tensors = inputs[train.idx_slot + 6 + num_metrics :]
+            params = [
+                flat[:, a:b].view(K, *shape) for (a, b), shape in zip(stacked.offsets, shapes, strict=True)
+            ]
+            batch = [t[index] if per_model_batch else t.index_select(0, index) for t in data]
+            outputs = joint(params, state, *batch)
+            n = len(params)
+            losses = outputs[n]
+            grad = torch.cat([g.reshape(K, -1) for g in outputs[:n]], dim=1)
+            finite = torch.isfinite(losses)
+            rows = on & finite.reshape(K, 1) if guard else on
+            optimizer.update(flat, grad, rows, opt_tensors)
+            last_grad.copy_(torch.where(rows, grad, last_grad))
+            taken = rows.reshape(K)
+            zero = torch.zeros_like(loss_sum)
+            loss_sum.add_(torch.where(taken, losses.to(loss_sum.dtype) * size, zero))
+            for sums, values in zip(metric_sums, outputs[n + 1 :], strict=True):
+                sums.add_(torch.where(taken, values.to(sums.dtype) * size, zero))
+            samples.add_(taken.to(samples.dtype) * size)
+            steps.add_(taken.to(steps.dtype))
+            return (finite,)
+
+        inputs = list(train.inputs)
+        inputs[train.idx_slot] = idx
         snapshot = UserState(model, loss_fn)
         was_training = model.training
         model.train()
         try:
-            gm = make_fx(
-                lambda train, state, *b: step(train, state, *b),
-                tracing_mode="fake",
-                _allow_non_fake_inputs=True,
-            )(list(stacked.train), list(stacked.state), *batch)
+            gm = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
         except CaptureError:
             raise
         except Exception as exc:
@@ -241,8 +311,8 @@ def capture(
         finally:
             model.train(was_training)
             snapshot.restore()
-        graph = lower(gm, num_inputs, protected=protected)
-        _verify(graph, models, stacked, loss_fn, batch, last_label, per_model_batch, len(metrics))
+        graph = lower(gm, len(inputs), protected=protected)
+        _verify(graph, models, stacked, train, inputs, loss_fn, last_label, per_model_batch, num_data)
         stacked.graphs[size] = graph
 
 
@@ -250,26 +320,35 @@ def _verify(
     graph: Any,
     models: Sequence[nn.Module],
     stacked: StackedModels,
+    train: TrainStep,
+    inputs: list[torch.Tensor],
     loss_fn: Callable[..., torch.Tensor],
-    batch: Sequence[torch.Tensor],
     last_label: bool,
     per_model_batch: bool,
-    num_metrics: int,
+    num_data: int,
     rtol: float = 1e-4,
 ) -> None:
-    """The stacked graph against K eager autograd steps of the user's own models (then put back)."""
-    state = [t.clone() for t in stacked.state]
-    train = [t.detach().clone() for t in stacked.train]
+    """One step of the graph, on copies of everything it writes, against K eager autograd steps of the
+    user's own models on their batches (the models put back): losses, gradients, buffer updates."""
+    n_state = len(stacked.state)
+    data_slots = range(1 + n_state, 1 + n_state + num_data)
+    copies = [t if i in data_slots else t.clone() for i, t in enumerate(inputs)]
+    idx = inputs[train.idx_slot]
+    copies[train.on_slot] = torch.ones_like(inputs[train.on_slot])
+    for slot in range(train.idx_slot + 2, train.idx_slot + 6):
+        copies[slot].zero_()
     try:
-        outputs = graph(train + state + [t.clone() for t in batch])
+        (finite,) = graph(copies)
     except Exception as exc:
         raise CaptureError(f"the captured stacked graph fails to run: {exc}") from exc
-    n = len(stacked.train)
-    if len(outputs) != n + 1 + num_metrics:
-        raise CaptureError(f"the stacked graph returns {len(outputs)} values, expected {n + 1 + num_metrics}")
+    size = idx.shape[-1]
+    losses = copies[train.idx_slot + 2] / size
+    last_grad = copies[train.idx_slot + 5]
+    state = copies[1 : 1 + n_state]
+    data = inputs[1 + n_state : 1 + n_state + num_data]
     hint = "forward or loss_fn behaves differently from the captured stacked graph"
     for k, model in enumerate(models):
-        own = [t[k].clone() for t in batch] if per_model_batch else [t.clone() for t in batch]
+        own = [t[idx[k] if per_model_batch else idx].clone() for t in data]
         snapshot = UserState(model, loss_fn)
         params = stacked.user_train[k]
         was_training = model.training
@@ -288,11 +367,14 @@ def _verify(
             snapshot.restore()
         if changed:
             raise CaptureError(stateful_reason(changed))
-        _compare(f"models[{k}]'s loss", outputs[n][k], loss.detach().reshape(()), rtol, hint)
+        if not bool(torch.isfinite(loss)):
+            continue  # nothing to compare: the guard leaves such a step out
+        _compare(f"models[{k}]'s loss", losses[k].to(loss.dtype), loss.detach().reshape(()), rtol, hint)
         floor = max((_scale(g) for g in grads if g is not None), default=0.0) * 1e-6
-        for name, value, ref in zip(stacked.train_names, outputs[:n], grads, strict=True):
+        for name, ref, (a, b) in zip(stacked.train_names, grads, stacked.offsets, strict=True):
             if ref is None:
                 raise CaptureError(f"parameter '{name}' gets no gradient from the loss")
-            _compare(f"models[{k}]'s gradient of '{name}'", value[k], ref, rtol, hint, floor=floor)
+            value = last_grad[k, a:b].view(ref.shape)
+            _compare(f"models[{k}]'s gradient of '{name}'", value, ref, rtol, hint, floor=floor)
         for name, value, ref in zip(stacked.state_names, state, buffers, strict=True):
             _compare(f"models[{k}]'s buffer '{name}' after the step", value[k], ref, rtol, hint)

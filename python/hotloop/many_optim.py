@@ -81,6 +81,14 @@ class StackedOptimizer:
             self.exp_avg, self.exp_avg_sq = zeros, torch.zeros_like(flat)
             self.max_exp_avg_sq = torch.zeros_like(flat) if self.amsgrad else None
             self.steps = torch.zeros(self.K, 1, dtype=torch.float64)
+        self.single_group = all(len(o.param_groups) == 1 for o in self.optimizers)
+        self.hypers = self._read_hypers()
+        if self.kind is torch.optim.SGD:
+            self.state = {"buf": self.buf, "fresh": self.fresh}
+        else:
+            self.state = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
+            if self.amsgrad:
+                self.state["max_exp_avg_sq"] = self.max_exp_avg_sq
         # torch.optim's per-parameter step tensors, as views: [k][i]
         self.step_rows = torch.zeros(self.K, len(params[0]), dtype=torch.float32)
         self.step_views = [list(row.unbind(0)) for row in self.step_rows.unbind(0)]
@@ -95,8 +103,8 @@ class StackedOptimizer:
 
     # -- hyperparameters ----------------------------------------------------------------------------
     def _hyper(self, name: str, pick: Any = None) -> torch.Tensor:
-        """``[K, 1]`` (or ``[K, P]`` when a model's param groups differ) float64 values of option ``name``."""
-        if all(len(o.param_groups) == 1 for o in self.optimizers):
+        """``[K, 1]`` (``[K, P]`` when an optimizer has several param groups) float64 values of ``name``."""
+        if self.single_group:
             values = [o.param_groups[0][name] for o in self.optimizers]
             return torch.tensor(
                 [[float(pick(v) if pick is not None else v)] for v in values], dtype=torch.float64
@@ -106,96 +114,77 @@ class StackedOptimizer:
             group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
             for p, (start, end) in zip(self.params[k], self.offsets, strict=True):
                 value = group_of[id(p)][name]
-                value = pick(value) if pick is not None else value
-                values[k, start:end] = float(value)
-        if bool((values == values[:, :1]).all()):
-            return values[:, :1].clone()
+                values[k, start:end] = float(pick(value) if pick is not None else value)
         return values
 
-    def begin_window(self) -> None:
-        """Reads the param groups afresh (``lr`` may change between events)."""
-        self.lr = self._hyper("lr")
-        self.wd = self._hyper("weight_decay")
+    def _read_hypers(self) -> dict[str, torch.Tensor]:
+        names: dict[str, tuple[str, Any]] = {"lr": ("lr", None), "weight_decay": ("weight_decay", None)}
         if self.kind is torch.optim.SGD:
-            self.momentum = self._hyper("momentum")
-            self.dampening = self._hyper("dampening")
-            self.any_momentum = bool((self.momentum != 0).any())
+            names.update(momentum=("momentum", None), dampening=("dampening", None))
         else:
-            self.beta1 = self._hyper("betas", lambda b: b[0])
-            self.beta2 = self._hyper("betas", lambda b: b[1])
-            self.eps = self._hyper("eps")
-        self.any_wd = bool((self.wd != 0).any())
-        self._masked: dict[bytes, dict[str, torch.Tensor]] = {}
+            names.update(beta1=("betas", lambda b: b[0]), beta2=("betas", lambda b: b[1]), eps=("eps", None))
+        return {key: self._hyper(name, pick) for key, (name, pick) in names.items()}
 
-    def _weights(self, taking: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Per-step constants in the parameters' dtype, with non-participating rows made identities."""
-        key = b"" if taking is None else bytes(taking.flatten().tolist())
-        cached = self._masked.get(key)
-        if cached is not None:
-            return cached
-        dtype = self.flat.dtype
-        on = torch.ones(self.K, 1, dtype=torch.bool) if taking is None else taking
+    def begin_window(self) -> None:
+        """Reads the param groups afresh into the hyperparameter tensors (``lr`` may change between
+        events); the traced update reads those tensors."""
+        for key, value in self._read_hypers().items():
+            self.hypers[key].copy_(value)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the traced update reads and writes besides the parameters and gradient, in its order."""
+        return [*self.state.values(), *self.hypers.values()]
+
+    # -- the update -----------------------------------------------------------------------------------
+    def update(
+        self, param: torch.Tensor, grad: torch.Tensor, on: torch.Tensor, tensors: Sequence[torch.Tensor]
+    ) -> None:
+        """One update of the rows in ``on`` (``[K, 1]`` bool), written in place with tensor ops only (it is
+        traced into the step's graph); ``tensors`` as :meth:`tensors` orders them. Rows not in ``on`` stay
+        bitwise unchanged: their gradient is zeroed and every weight made an identity."""
+        state = dict(zip(self.state, tensors[: len(self.state)], strict=True))
+        h = dict(zip(self.hypers, tensors[len(self.state) :], strict=True))
+        dtype = param.dtype
 
         def keep(value: torch.Tensor, identity: float) -> torch.Tensor:
             return torch.where(on, value, torch.full_like(value, identity))
 
-        w: dict[str, torch.Tensor] = {"on": on}
-        if self.kind is torch.optim.SGD:
-            w["wd"] = self.wd.to(dtype)
-            w["neg_lr"] = keep(-self.lr, 0.0).to(dtype)
-            w["momentum"] = self.momentum.to(dtype)
-            w["keep_buf"] = keep(self.momentum, 1.0)  # float64; fresh rows get 0 per step
-            w["take"] = keep(1 - self.dampening, 0.0)
-        else:
-            w["wd"] = self.wd.to(dtype)
-            w["decay"] = keep(1 - self.lr * self.wd, 1.0).to(dtype)
-            w["w1"] = keep(1 - self.beta1, 0.0).to(dtype)
-            w["b2"] = keep(self.beta2, 1.0).to(dtype)
-            w["c2"] = keep(1 - self.beta2, 0.0).to(dtype)
-            w["eps"] = self.eps.to(dtype)
-            w["lr"] = keep(self.lr, 0.0)
-        self._masked[key] = w
-        return w
-
-    # -- the update -----------------------------------------------------------------------------------
-    def step(self, grad: torch.Tensor, taking: torch.Tensor | None) -> None:
-        """One update of every taking model's row (``taking``: ``[K, 1]`` bool, None for all). ``grad`` is
-        the flat gradient; rows that do not take the step must hold finite values (zeros)."""
-        w = self._weights(taking)
-        param = self.flat
+        grad = torch.where(on, grad, torch.zeros_like(grad))
         if self.maximize:
             grad = -grad
+        lr = keep(h["lr"], 0.0)
         if self.kind is torch.optim.SGD:
-            if self.any_wd:
-                grad = grad + param * w["wd"]
-            if self.any_momentum:
-                fresh = self.fresh & w["on"]
-                keep_buf = torch.where(fresh, 0.0, w["keep_buf"]).to(param.dtype)
-                take = torch.where(fresh, 1.0, w["take"]).to(param.dtype)
-                self.buf.mul_(keep_buf).add_(grad * take)
-                self.fresh &= ~w["on"]
-                grad = grad + self.buf * w["momentum"] if self.nesterov else self.buf
-            param.add_(grad * w["neg_lr"])
+            grad = grad + param * h["weight_decay"].to(dtype)
+            buf, fresh = state["buf"], state["fresh"]
+            first = fresh & on
+            keep_buf = torch.where(first, torch.zeros_like(h["momentum"]), keep(h["momentum"], 1.0))
+            take = torch.where(first, torch.ones_like(h["dampening"]), keep(1 - h["dampening"], 0.0))
+            buf.mul_(keep_buf.to(dtype)).add_(grad * take.to(dtype))
+            fresh.logical_and_(~on)
+            step = grad + buf * h["momentum"].to(dtype) if self.nesterov else buf
+            param.add_(step * (-lr).to(dtype))
             return
-        on = w["on"]
-        self.steps += on
-        if self.any_wd:
-            if self.decoupled:
-                param.mul_(w["decay"])
-            else:
-                grad = grad + param * w["wd"]
-        self.exp_avg.lerp_(grad, w["w1"])
-        self.exp_avg_sq.mul_(w["b2"]).addcmul_(grad * w["c2"], grad)
-        steps = torch.where(on, self.steps, 1.0)
-        bias_correction1 = 1 - self.beta1**steps
-        bias_correction2_sqrt = (1 - self.beta2**steps) ** 0.5
-        neg_step_size = (-(w["lr"] / bias_correction1)).to(param.dtype)
-        second = self.exp_avg_sq
+        steps = state["steps"]
+        steps.add_(on.to(steps.dtype))
+        if self.decoupled:
+            param.mul_(keep(1 - h["lr"] * h["weight_decay"], 1.0).to(dtype))
+        else:
+            grad = grad + param * h["weight_decay"].to(dtype)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, keep(1 - h["beta1"], 0.0).to(dtype))
+        exp_avg_sq.mul_(keep(h["beta2"], 1.0).to(dtype)).addcmul_(
+            grad * keep(1 - h["beta2"], 0.0).to(dtype), grad
+        )
+        taken = torch.where(on, steps, torch.ones_like(steps))
+        bias_correction1 = 1 - h["beta1"] ** taken
+        bias_correction2_sqrt = (1 - h["beta2"] ** taken) ** 0.5
+        neg_step_size = (-(lr / bias_correction1)).to(dtype)
+        second = exp_avg_sq
         if self.amsgrad:
-            torch.maximum(self.max_exp_avg_sq, self.exp_avg_sq, out=self.max_exp_avg_sq)
-            second = self.max_exp_avg_sq
-        denom = (second.sqrt() / bias_correction2_sqrt.to(param.dtype)).add_(w["eps"])
-        param.addcdiv_(self.exp_avg * neg_step_size, denom)
+            state["max_exp_avg_sq"].copy_(torch.maximum(state["max_exp_avg_sq"], exp_avg_sq))
+            second = state["max_exp_avg_sq"]
+        denom = (second.sqrt() / bias_correction2_sqrt.to(dtype)).add_(h["eps"].to(dtype))
+        param.addcdiv_(exp_avg * neg_step_size, denom)
 
     # -- torch.optim's state in and out ---------------------------------------------------------------
     def _keys(self) -> list[tuple[str, torch.Tensor]]:
