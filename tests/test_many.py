@@ -3,7 +3,9 @@ relative), per-model freezing, the fallback, subsets/kfold, the per-model stages
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +287,42 @@ def test_unstackable_module_warns_with_the_reason():
         warnings.simplefilter("always")
         next(fit_many((x, y), models, optimizers, nn.MSELoss(), batch_size=16))
     assert any("hook" in str(w.message) for w in caught if issubclass(w.category, SlowPathWarning))
+
+
+def test_exit_with_a_live_stream_and_after_close(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "live.py"
+    script.write_text(
+        "import torch, sys\n"
+        "from torch import nn\n"
+        "import hotloop\n"
+        "ms = [nn.Linear(3, 1) for _ in range(3)]\n"
+        "os = [torch.optim.Adam(m.parameters()) for m in ms]\n"
+        "x, y = torch.randn(20, 3), torch.randn(20, 1)\n"
+        "s = hotloop.fit_many((x, y), ms, os, nn.MSELoss(), batch_size=8)\n"
+        "next(s)\n"
+        "if sys.argv[1] == 'close':\n"
+        "    s.close()\n"
+        "    assert ms[0].weight.untyped_storage().nbytes() == 12, ms[0].weight.untyped_storage().nbytes()\n"
+    )
+    for mode in ("live", "close"):
+        env = {**os.environ, "PYTHONPATH": str(Path(hotloop.__file__).parent.parent)}
+        result = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_model_objects_are_the_truth_mid_stream():
+    x, y = _data()
+    models, optimizers = _setup("adam", 3)
+    stream = fit_many((x, y), models, optimizers, nn.MSELoss(), batch_size=16)
+    event = next(stream)
+    with torch.no_grad():
+        for k, model in enumerate(models):
+            loss = nn.MSELoss()(model(x), y)
+            assert torch.isfinite(loss)
+            assert all(p.grad is not None for p in model.parameters())
+    state = stream.state_dict()
+    assert state["models"][0]["0.weight"].untyped_storage().nbytes() == 8 * D * 4
+    assert event["updates"] == [5, 5, 5]

@@ -572,25 +572,29 @@ class _Stacked:
     def _end_window(self, updates_before: list[int]) -> None:
         self.updates = [u + n for u, n in zip(updates_before, self.train.steps.tolist(), strict=True)]
         self.optimizer.store([u > 0 for u in self.updates])
+        # .grad as a plain loop leaves it: the last applied step's gradient, in the parameter's own tensor
+        # (a view of the stacked gradient would trip torch's tensor teardown check)
+        destinations, sources = [], []
         for k in range(self.K):
             if self.updates[k] == updates_before[k]:
                 continue
             for p, view in zip(self.stacked.user_train[k], self.grad_views[k], strict=True):
-                if p.grad is not view:
-                    p.grad = view
+                if p.grad is None or p.grad.shape != p.shape:
+                    p.grad = torch.empty_like(p)
+                destinations.append(p.grad)
+                sources.append(view)
+        if destinations:
+            with torch.no_grad():
+                torch._foreach_copy_(destinations, sources)
 
     def release(self) -> None:
-        """The user's tensors (parameters, buffers, optimizer state, ``.grad``) stop being views of the
+        """The user's tensors (parameters, buffers, optimizer state) stop being views of the
         stacked storage, so saving one model saves only its own values."""
         if self.released:
             return
         self.released = True
         self.stacked.unbind()
         self.optimizer.unbind()
-        for k in range(self.K):
-            for p, view in zip(self.stacked.user_train[k], self.grad_views[k], strict=True):
-                if p.grad is view:
-                    p.grad = view.clone()
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
