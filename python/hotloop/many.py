@@ -370,7 +370,6 @@ class _Stacked:
         capture(
             plan.models,
             self.stacked,
-            self.optimizer,
             self.train,
             plan.loss_fn,
             self._example_indices(),
@@ -527,6 +526,8 @@ class _Stacked:
         raised = None
         updates_before = list(self.updates)
         active_mask = torch.tensor(self.active).reshape(K, 1)
+        all_active = all(self.active)
+        fast = optimizer.fast_possible()
         inputs, idx_slot, on_slot = train.inputs, train.idx_slot, train.on_slot
         steps = 0
         try:
@@ -539,21 +540,34 @@ class _Stacked:
                 self.position += 1
                 steps += 1
                 rows = active_mask if taking is None else active_mask & taking.reshape(K, 1)
+                every_row = all_active if taking is None else bool(rows.all())
                 inputs[idx_slot] = idx
                 inputs[on_slot] = rows
-                (finite,) = stacked.graphs[size](inputs)
-                if self.guard and not bool(finite.all()):
-                    bad = (~finite).reshape(K, 1) & rows
-                    if bool(bad.any()):
-                        taken = [u + n for u, n in zip(updates_before, train.steps.tolist(), strict=True)]
-                        if plan.on_nonfinite == "raise":
-                            first = int(bad.flatten().nonzero()[0])
-                            raised = (first, taken[first] + 1)
-                            break
-                        for k in bad.flatten().nonzero().flatten().tolist():
-                            nonfinite[k] = taken[k] + 1
-                            self.active[k] = False
-                        active_mask = torch.tensor(self.active).reshape(K, 1)
+                grad, finite = stacked.graphs[size](inputs)
+                all_finite = not self.guard or bool(finite.all())
+                if every_row and all_finite and fast:
+                    train.all_inputs[1] = grad
+                    train.update_all(train.all_inputs)
+                else:
+                    if not all_finite:
+                        bad = (~finite).reshape(K, 1) & rows
+                        if bool(bad.any()):
+                            taken = [u + n for u, n in zip(updates_before, train.steps.tolist(), strict=True)]
+                            if plan.on_nonfinite == "raise":
+                                first = int(bad.flatten().nonzero()[0])
+                                raised = (first, taken[first] + 1)
+                                break
+                            for k in bad.flatten().nonzero().flatten().tolist():
+                                nonfinite[k] = taken[k] + 1
+                                self.active[k] = False
+                            active_mask = torch.tensor(self.active).reshape(K, 1)
+                            all_active = False
+                            rows = rows & ~bad
+                    if bool(rows.any()):
+                        train.rows_inputs[1] = grad
+                        train.rows_inputs[2] = rows
+                        train.update_rows(train.rows_inputs)
+                        fast = optimizer.fast_possible()
                 if self.position >= len(self.schedule):
                     self.epochs_completed += 1
                     self.orders, self.schedule, self.position = None, [], 0

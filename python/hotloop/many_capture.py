@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.func import grad_and_value, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -195,49 +195,85 @@ def _stacked_step(
 
 
 class TrainStep:
-    """The inputs of the stacked train-step graphs, in their order, and where the per-step ones go.
+    """The step's graphs and their inputs, in order.
 
-    A graph takes ``[flat, *state, *data, idx, on, loss_sum, samples, steps, last_grad, *metric_sums,
-    *optimizer tensors]``: it gathers each model's batch (``idx``: ``[B]`` shared or ``[K, B]``), runs the
-    vmap'd joint forward+backward, and for the rows in ``on & isfinite(loss)`` (``on`` alone without the
-    guard) applies the fused update in place and adds to the window's sums; it returns ``isfinite(loss)``.
+    ``graphs[B]`` (one per batch size) takes ``[flat, *state, *data, idx, on, loss_sum, samples, steps,
+    *metric_sums]``: it gathers each model's batch (``idx``: ``[B]`` shared or ``[K, B]``), runs the vmap'd
+    joint forward+backward, adds the rows in ``on & isfinite(loss)`` (``on`` alone without the guard) to
+    the window's sums and returns ``(flat gradient [K, P], isfinite(loss) [K])``. ``update_all`` takes
+    ``[flat, grad, last_grad, *optimizer.fast_tensors()]`` and updates every row; ``update_rows`` takes
+    ``[flat, grad, rows, last_grad, *optimizer.tensors()]`` and updates the rows in ``rows`` only.
     """
 
     def __init__(
         self, stacked: StackedModels, data: Sequence[torch.Tensor], optimizer: Any, num_metrics: int
     ):
         K = stacked.K
+        self.optimizer = optimizer
         self.loss_sum = torch.zeros(K, dtype=torch.float64)
         self.samples = torch.zeros(K, dtype=torch.int64)
         self.steps = torch.zeros(K, dtype=torch.int64)
         self.last_grad = torch.zeros_like(stacked.flat)  # each model's gradient of its last applied step
         self.metric_sums = [torch.zeros(K, dtype=torch.float64) for _ in range(num_metrics)]
-        on = torch.ones(K, 1, dtype=torch.bool)
         self.inputs: list[torch.Tensor] = [
             stacked.flat,
             *stacked.state,
             *data,
             torch.zeros(0, dtype=torch.int64),
-            on,
+            torch.ones(K, 1, dtype=torch.bool),
             self.loss_sum,
             self.samples,
             self.steps,
-            self.last_grad,
             *self.metric_sums,
-            *optimizer.tensors(),
         ]
         self.idx_slot = 1 + len(stacked.state) + len(data)
         self.on_slot = self.idx_slot + 1
+        self.all_inputs = [stacked.flat, stacked.flat, self.last_grad, *optimizer.fast_tensors()]
+        self.rows_inputs = [stacked.flat, stacked.flat, torch.ones(K, 1, dtype=torch.bool), self.last_grad]
+        self.rows_inputs += optimizer.tensors()
+        self.update_all: Any = None
+        self.update_rows: Any = None
 
     def reset_sums(self) -> None:
         for t in (self.loss_sum, self.samples, self.steps, *self.metric_sums):
             t.zero_()
 
 
+def _trace(fn: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    try:
+        return make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+    except CaptureError:
+        raise
+    except Exception as exc:
+        raise CaptureError(_describe_trace_failure(exc)) from exc
+
+
+def capture_updates(train: TrainStep) -> None:
+    """The two update graphs (they do not depend on the batch)."""
+    optimizer = train.optimizer
+
+    def update_all(flat, grad, last_grad, *tensors):
+        optimizer.update_all(flat, grad, tensors)
+        last_grad.copy_(grad)
+        return ()
+
+    def update_rows(flat, grad, rows, last_grad, *tensors):
+        optimizer.update(flat, grad, rows, tensors)
+        last_grad.copy_(torch.where(rows, grad, last_grad))
+        return ()
+
+    grad = torch.zeros_like(train.last_grad)
+    for name, fn, inputs in (
+        ("update_all", update_all, train.all_inputs),
+        ("update_rows", update_rows, train.rows_inputs),
+    ):
+        inputs = [inputs[0], grad, *inputs[2:]]
+        setattr(train, name, lower(_trace(fn, inputs), len(inputs)))
+
+
 def capture(
     models: Sequence[nn.Module],
     stacked: StackedModels,
-    optimizer: Any,
     train: TrainStep,
     loss_fn: Callable[..., torch.Tensor],
     example_indices: Sequence[torch.Tensor],
@@ -247,9 +283,9 @@ def capture(
     guard: bool,
     metrics: Sequence[Callable[..., Any]] = (),
 ) -> None:
-    """Capture, lower and check one train-step graph per index tensor in ``example_indices`` (one per batch
-    size: ``[B]`` shared by all models, or ``[K, B]`` with ``per_model_batch``) into ``stacked.graphs``.
-    Raises CaptureError with the reason."""
+    """Capture, lower and check one step graph per index tensor in ``example_indices`` (one per batch size:
+    ``[B]`` shared by all models, or ``[K, B]`` with ``per_model_batch``) into ``stacked.graphs``, and the
+    update graphs. Raises CaptureError with the reason."""
     for k, model in enumerate(models):
         reason = refusal_reason(model, loss_fn)
         if reason is not None:
@@ -270,12 +306,11 @@ def capture(
             continue
         joint = _stacked_step(model, loss_fn, last_label, stacked, metrics, per_model_batch, num_data)
 
-        def step(*inputs: torch.Tensor) -> tuple[torch.Tensor]:
+        def step(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             flat, state = inputs[0], list(inputs[1 : 1 + n_state])
             data = inputs[1 + n_state : 1 + n_state + num_data]
-            index, on, loss_sum, samples, steps, last_grad = inputs[train.idx_slot : train.idx_slot + 6]
-            metric_sums = inputs[train.idx_slot + 6 : train.idx_slot + 6 + num_metrics]
-            opt_tensors = inputs[train.idx_slot + 6 + num_metrics :]
+            index, on, loss_sum, samples, steps = inputs[train.idx_slot : train.idx_slot + 5]
+            metric_sums = inputs[train.idx_slot + 5 :]
             params = [
                 flat[:, a:b].view(K, *shape) for (a, b), shape in zip(stacked.offsets, shapes, strict=True)
             ]
@@ -285,17 +320,14 @@ def capture(
             losses = outputs[n]
             grad = torch.cat([g.reshape(K, -1) for g in outputs[:n]], dim=1)
             finite = torch.isfinite(losses)
-            rows = on & finite.reshape(K, 1) if guard else on
-            optimizer.update(flat, grad, rows, opt_tensors)
-            last_grad.copy_(torch.where(rows, grad, last_grad))
-            taken = rows.reshape(K)
+            taken = on.reshape(K) & finite if guard else on.reshape(K)
             zero = torch.zeros_like(loss_sum)
             loss_sum.add_(torch.where(taken, losses.to(loss_sum.dtype) * size, zero))
             for sums, values in zip(metric_sums, outputs[n + 1 :], strict=True):
                 sums.add_(torch.where(taken, values.to(sums.dtype) * size, zero))
             samples.add_(taken.to(samples.dtype) * size)
             steps.add_(taken.to(steps.dtype))
-            return (finite,)
+            return grad, finite
 
         inputs = list(train.inputs)
         inputs[train.idx_slot] = idx
@@ -303,17 +335,15 @@ def capture(
         was_training = model.training
         model.train()
         try:
-            gm = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
-        except CaptureError:
-            raise
-        except Exception as exc:
-            raise CaptureError(_describe_trace_failure(exc)) from exc
+            gm = _trace(step, inputs)
         finally:
             model.train(was_training)
             snapshot.restore()
         graph = lower(gm, len(inputs), protected=protected)
         _verify(graph, models, stacked, train, inputs, loss_fn, last_label, per_model_batch, num_data)
         stacked.graphs[size] = graph
+    if train.update_all is None:
+        capture_updates(train)
 
 
 def _verify(
@@ -335,15 +365,14 @@ def _verify(
     copies = [t if i in data_slots else t.clone() for i, t in enumerate(inputs)]
     idx = inputs[train.idx_slot]
     copies[train.on_slot] = torch.ones_like(inputs[train.on_slot])
-    for slot in range(train.idx_slot + 2, train.idx_slot + 6):
+    for slot in range(train.idx_slot + 2, len(copies)):
         copies[slot].zero_()
     try:
-        (finite,) = graph(copies)
+        last_grad, _ = graph(copies)
     except Exception as exc:
         raise CaptureError(f"the captured stacked graph fails to run: {exc}") from exc
     size = idx.shape[-1]
     losses = copies[train.idx_slot + 2] / size
-    last_grad = copies[train.idx_slot + 5]
     state = copies[1 : 1 + n_state]
     data = inputs[1 + n_state : 1 + n_state + num_data]
     hint = "forward or loss_fn behaves differently from the captured stacked graph"

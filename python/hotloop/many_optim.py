@@ -89,6 +89,7 @@ class StackedOptimizer:
             self.state = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
             if self.amsgrad:
                 self.state["max_exp_avg_sq"] = self.max_exp_avg_sq
+        self.weights = self._weights()
         # torch.optim's per-parameter step tensors, as views: [k][i]
         self.step_rows = torch.zeros(self.K, len(params[0]), dtype=torch.float32)
         self.step_views = [list(row.unbind(0)) for row in self.step_rows.unbind(0)]
@@ -130,6 +131,73 @@ class StackedOptimizer:
         events); the traced update reads those tensors."""
         for key, value in self._read_hypers().items():
             self.hypers[key].copy_(value)
+        for key, value in self._weights().items():
+            self.weights[key].copy_(value)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The per-window constants of the unmasked update, in the dtype each op uses."""
+        h, dtype = self.hypers, self.flat.dtype
+        if self.kind is torch.optim.SGD:
+            return {
+                "wd": h["weight_decay"].to(dtype),
+                "momentum": h["momentum"].to(dtype),
+                "take": (1 - h["dampening"]).to(dtype),
+                "neg_lr": (-h["lr"]).to(dtype),
+            }
+        return {
+            "wd": h["weight_decay"].to(dtype),
+            "decay": (1 - h["lr"] * h["weight_decay"]).to(dtype),
+            "w1": (1 - h["beta1"]).to(dtype),
+            "b2": h["beta2"].to(dtype),
+            "c2": (1 - h["beta2"]).to(dtype),
+            "eps": h["eps"].to(dtype),
+            "lr": h["lr"].clone(),
+            "beta1": h["beta1"].clone(),
+            "beta2": h["beta2"].clone(),
+        }
+
+    def fast_tensors(self) -> list[torch.Tensor]:
+        """What :meth:`update_all` reads and writes besides the parameters and gradient, in its order."""
+        return [*self.state.values(), *self.weights.values()]
+
+    def fast_possible(self) -> bool:
+        """Whether :meth:`update_all` stands for :meth:`update` with every row on: not while an SGD model
+        with momentum has yet to create its buffer."""
+        if self.kind is not torch.optim.SGD:
+            return True
+        return not bool((self.fresh & (self.hypers["momentum"] != 0).any(dim=1, keepdim=True)).any())
+
+    def update_all(self, param: torch.Tensor, grad: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        """:meth:`update` with every row on, without the masks (the common step), traced likewise."""
+        state = dict(zip(self.state, tensors[: len(self.state)], strict=True))
+        w = dict(zip(self.weights, tensors[len(self.state) :], strict=True))
+        if self.maximize:
+            grad = -grad
+        if self.kind is torch.optim.SGD:
+            grad = grad + param * w["wd"]
+            buf = state["buf"]
+            buf.mul_(w["momentum"]).add_(grad * w["take"])
+            step = grad + buf * w["momentum"] if self.nesterov else buf
+            param.add_(step * w["neg_lr"])
+            return
+        steps = state["steps"]
+        steps.add_(1)
+        if self.decoupled:
+            param.mul_(w["decay"])
+        else:
+            grad = grad + param * w["wd"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, w["w1"])
+        exp_avg_sq.mul_(w["b2"]).addcmul_(grad * w["c2"], grad)
+        bias_correction1 = 1 - w["beta1"] ** steps
+        bias_correction2_sqrt = (1 - w["beta2"] ** steps) ** 0.5
+        neg_step_size = (-(w["lr"] / bias_correction1)).to(param.dtype)
+        second = exp_avg_sq
+        if self.amsgrad:
+            state["max_exp_avg_sq"].copy_(torch.maximum(state["max_exp_avg_sq"], exp_avg_sq))
+            second = state["max_exp_avg_sq"]
+        denom = (second.sqrt() / bias_correction2_sqrt.to(param.dtype)).add_(w["eps"])
+        param.addcdiv_(exp_avg * neg_step_size, denom)
 
     def tensors(self) -> list[torch.Tensor]:
         """What the traced update reads and writes besides the parameters and gradient, in its order."""
