@@ -15,10 +15,9 @@ import platform
 import time
 import warnings
 
+import hotloop
 import torch
 from torch import nn
-
-import hotloop
 
 BATCH = 32
 
@@ -112,7 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
-        f"# fit_many bench, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"# fit_many bench, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, 1 thread, batch {BATCH}, Adam; model-steps/s"
     )
     print("| workload | K | K eager loops | K sequential fit | fit_many | vs fit | vs eager |")
@@ -131,8 +131,9 @@ def main() -> None:
                     used = epochs if label != "eager" else max(1, epochs // 4)
                     rates[label] = max(rates[label], k * steps_per_epoch * used / seconds)
             print(
-                f"| {name} | {k} | {rates['eager']:,.0f} | {rates['sequential']:,.0f} | {rates['fit_many']:,.0f} "
-                f"| {rates['fit_many'] / rates['sequential']:.1f}x | {rates['fit_many'] / rates['eager']:.1f}x |",
+                f"| {name} | {k} | {rates['eager']:,.0f} | {rates['sequential']:,.0f} "
+                f"| {rates['fit_many']:,.0f} | {rates['fit_many'] / rates['sequential']:.1f}x "
+                f"| {rates['fit_many'] / rates['eager']:.1f}x |",
                 flush=True,
             )
 

@@ -7,12 +7,11 @@ import os
 import warnings
 from pathlib import Path
 
+import hotloop
 import pytest
 import torch
-from torch import nn
-
-import hotloop
 from hotloop import SlowPathWarning, fit_many, kfold
+from torch import nn
 
 K = 8
 N, D = 70, 5
@@ -319,7 +318,7 @@ def test_model_objects_are_the_truth_mid_stream():
     stream = fit_many((x, y), models, optimizers, nn.MSELoss(), batch_size=16)
     event = next(stream)
     with torch.no_grad():
-        for k, model in enumerate(models):
+        for model in models:
             loss = nn.MSELoss()(model(x), y)
             assert torch.isfinite(loss)
             assert all(p.grad is not None for p in model.parameters())

@@ -46,7 +46,8 @@ def architecture_reason(models: Sequence[nn.Module]) -> str | None:
                         f"models[{k}]'s '{entry[0]}' {what}, but models[0]'s is {tuple(entry[1])} {entry[2]} "
                         f"on {entry[3]} (requires_grad={entry[4]})"
                     )
-            return f"models[{k}] has tensors models[0] has not ({sorted(set(mine) - {e[0] for e in first_tensors})})"
+            extra = sorted(set(mine) - {e[0] for e in first_tensors})
+            return f"models[{k}] has tensors models[0] has not ({extra})"
     for k, model in enumerate(models):
         if any(model is other for other in models[:k]):
             return f"models[{k}] is the same object as an earlier model"
@@ -298,7 +299,6 @@ def capture(
             protected[f"models[{k}].{name}"] = t
     K, n_state = stacked.K, len(stacked.state)
     num_data = train.idx_slot - 1 - n_state
-    num_metrics = len(metrics)
     shapes = [t.shape[1:] for t in stacked.train]
     for idx in example_indices:
         size = idx.shape[-1]
@@ -306,7 +306,7 @@ def capture(
             continue
         joint = _stacked_step(model, loss_fn, last_label, stacked, metrics, per_model_batch, num_data)
 
-        def step(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(*inputs: torch.Tensor, joint: Callable[..., Any] = joint, size: int = size) -> Any:
             flat, state = inputs[0], list(inputs[1 : 1 + n_state])
             data = inputs[1 + n_state : 1 + n_state + num_data]
             index, on, loss_sum, samples, steps = inputs[train.idx_slot : train.idx_slot + 5]
