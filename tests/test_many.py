@@ -325,3 +325,54 @@ def test_model_objects_are_the_truth_mid_stream():
     state = stream.state_dict()
     assert state["models"][0]["0.weight"].untyped_storage().nbytes() == 8 * D * 4
     assert event["updates"] == [5, 5, 5]
+
+
+def _classification():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(60, D, generator=g), torch.randint(0, 3, (60,), generator=g)
+
+
+def _classifiers(k: int):
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 3)))
+    return models
+
+
+def test_evaluate_many_metrics_per_model_and_fold():
+    x, y = _classification()
+    models = _classifiers(4)
+    _, val = kfold(len(x), 4, torch.Generator().manual_seed(0))
+    values = hotloop.evaluate_many(
+        (x, y), metrics={"acc": "accuracy", "ce": nn.CrossEntropyLoss()}, subsets=val, batch_size=5
+    )({"model": models})
+    with torch.no_grad():
+        for k, (m, v) in enumerate(zip(models, val, strict=True)):
+            pred = m(x[v])
+            assert values["acc"][k] == pytest.approx((pred.argmax(1) == y[v]).float().mean().item(), rel=1e-6)
+            assert values["ce"][k] == pytest.approx(nn.CrossEntropyLoss()(pred, y[v]).item(), rel=1e-5)
+
+
+def test_train_metrics_per_model():
+    x, y = _classification()
+    models = _classifiers(3)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
+    event = next(
+        fit_many(
+            (x, y), models, optimizers, nn.CrossEntropyLoss(), batch_size=60, metrics={"acc": "accuracy"}
+        )
+    )
+    assert event["engine"] == "stacked-native"
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            assert event["acc"][k] == pytest.approx((m(x).argmax(1) == y).float().mean().item(), rel=1e-6)
+
+
+def test_every_counts_stacked_steps():
+    x, y = _data()
+    models, optimizers = _setup("sgd", 2)
+    stream = fit_many((x, y), models, optimizers, nn.MSELoss(), batch_size=16, every=3)
+    events = [next(stream) for _ in range(3)]
+    assert [e["updates"] for e in events] == [[3, 3], [6, 6], [9, 9]]
+    assert events[-1]["epoch"] == 1  # 5 steps per epoch

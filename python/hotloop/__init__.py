@@ -12,7 +12,7 @@ from .evaluation import BestModel, best_model, evaluate, validation_loss
 from .events import Event
 from .fit import FitStream, NonFiniteLossError, epoch_stream, fit
 from .many import ManyStream, ModelList, fit_many, kfold
-from .many_stages import BestModels, best_each, early_stop_each, validation_loss_many
+from .many_stages import BestModels, best_each, early_stop_each, evaluate_many, validation_loss_many
 from .plotting import LivePlot, live_plot, plot_history
 from .sinks import collect, collect_csv, collect_jsonl, collect_pd, tensorboard
 from .stages import augment, early_stop, ema, pipe, print_keys, progress, take, tap, tick
@@ -33,6 +33,7 @@ __all__ = [
     "ModelList",
     "best_each",
     "early_stop_each",
+    "evaluate_many",
     "fit_many",
     "kfold",
     "validation_loss_many",

@@ -3,7 +3,7 @@ stacked (vmap) pass, per-model early stopping that freezes each model alone, and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from math import isfinite
 from typing import Any, Literal
@@ -14,27 +14,30 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from . import _checks as check
 from .fidelity import refusal_reason
+from .metrics import resolve_metrics
 
 
-def validation_loss_many(
+def evaluate_many(
     val_data: Sequence[torch.Tensor],
-    loss_fn: Callable[..., torch.Tensor],
     *,
+    metrics: Mapping[str, str | Callable[..., Any]],
     subsets: Sequence[torch.Tensor] | None = None,
-    key: str = "val_loss",
     last_label: bool = True,
     batch_size: int | None = None,
 ) -> Callable[[dict[str, Any]], dict[str, list[float]]]:
-    """An ``augment`` callback adding ``key``: a list with each model's ``loss_fn`` on ``val_data`` (or
-    on its own ``val_data[subsets[k]]``, e.g. :func:`kfold`'s held-out folds), all K models scored in one
-    stacked ``vmap`` pass per batch, in eval mode without gradients (modes restored afterwards).
+    """An ``augment`` callback for :func:`fit_many` streams adding, per metric key, a list with each model's
+    value on ``val_data`` (or on its own ``val_data[subsets[k]]``, e.g. :func:`kfold`'s held-out folds).
 
-    With ``batch_size`` the loss must be a batch mean; each model's value is the sample-weighted mean
-    over its batches. Models that cannot be stacked (hooks, differing architectures) are scored one
-    after another.
+    All K models are scored in one stacked ``vmap`` pass per batch (eagerly, without gradients, in eval
+    mode; modes restored afterwards); all metrics share the forward. A metric is a function ``(pred,
+    labels)`` (``(pred)`` without labels) returning a batch mean, or a built-in name (``"accuracy"``). With
+    ``batch_size`` each model's value is the sample-weighted mean over its batches; without, one batch per
+    model. Models that cannot be stacked (hooks, differing architectures) are scored one after another.
     """
     tensors = check.check_tensors("val_data", val_data, last_label=last_label)
-    check.check_callable("loss_fn", loss_fn)
+    resolved = resolve_metrics(dict(metrics), last_label=last_label)
+    if not resolved:
+        raise ValueError("metrics must contain at least one metric.")
     n = tensors[0].shape[0]
     if batch_size is not None:
         check.check_int("batch_size", batch_size, minimum=1)
@@ -49,13 +52,13 @@ def validation_loss_many(
         models = list(event["model"])
         K = len(models)
         if index_sets is not None and len(index_sets) != K:
-            raise ValueError(f"validation_loss_many has {len(index_sets)} subsets for {K} models")
+            raise ValueError(f"evaluate_many has {len(index_sets)} subsets for {K} models")
         modes = [(m, m.training) for model in models for m in model.modules()]
         try:
             for model in models:
                 model.eval()
             with torch.no_grad():
-                return {key: _scores(models, tensors, loss_fn, index_sets, last_label, batch_size)}
+                return _scores(models, tensors, resolved, index_sets, last_label, batch_size)
         finally:
             for module, training in modes:
                 module.training = training
@@ -63,32 +66,57 @@ def validation_loss_many(
     return compute
 
 
+def validation_loss_many(
+    val_data: Sequence[torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    subsets: Sequence[torch.Tensor] | None = None,
+    key: str = "val_loss",
+    last_label: bool = True,
+    batch_size: int | None = None,
+) -> Callable[[dict[str, Any]], dict[str, list[float]]]:
+    """:func:`evaluate_many` with one metric, ``loss_fn`` (a batch mean), under ``key``."""
+    check.check_callable("loss_fn", loss_fn)
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {type(key).__name__}")
+    return evaluate_many(
+        val_data, metrics={key: loss_fn}, subsets=subsets, last_label=last_label, batch_size=batch_size
+    )
+
+
 def _scores(
     models: list[nn.Module],
     tensors: list[torch.Tensor],
-    loss_fn: Callable[..., torch.Tensor],
+    metrics: Mapping[str, Callable[..., Any]],
     index_sets: list[torch.Tensor] | None,
     last_label: bool,
     batch_size: int | None,
-) -> list[float]:
+) -> dict[str, list[float]]:
     K, n = len(models), tensors[0].shape[0]
     device = tensors[0].device
-    sets = index_sets if index_sets is not None else [torch.arange(n)] * K
-    sets = [s.to(device) for s in sets]
-    stackable = (
-        all(refusal_reason(m, loss_fn) is None for m in models)
-        and len({tuple((k, v.shape) for k, v in m.state_dict().items()) for m in models}) == 1
+    sets = (
+        [s.to(device) for s in index_sets] if index_sets is not None else [torch.arange(n, device=device)] * K
     )
-    totals = [0.0] * K
-    common = min(len(s) for s in sets)
-    if stackable:
+    fns = list(metrics.values())
+    stackable = (
+        all(refusal_reason(m) is None for m in models)
+        and len({tuple((k, v.shape, v.dtype) for k, v in m.state_dict().items()) for m in models}) == 1
+        and len({tuple(type(m) for m in model.modules()) for model in models}) == 1
+    )
+    totals = torch.zeros(len(fns), K, dtype=torch.float64)
+
+    def values_of(pred: Any, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = [torch.as_tensor(fn(pred, batch[-1]) if last_label else fn(pred)) for fn in fns]
+        return torch.stack([v.reshape(()).to(torch.float64) for v in out])
+
+    common = min(len(s) for s in sets) if stackable else 0
+    if common:
         params, buffers = stack_module_state(models)
         base = models[0]
 
         def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *batch: torch.Tensor) -> torch.Tensor:
             inputs = batch[:-1] if last_label else batch
-            pred = functional_call(base, (p, b), tuple(inputs))
-            return loss_fn(pred, batch[-1]) if last_label else loss_fn(pred)
+            return values_of(functional_call(base, (p, b), tuple(inputs)), batch)
 
         shared = index_sets is None
         run = vmap(one, in_dims=(0, 0, *((None if shared else 0),) * len(tensors)))
@@ -100,23 +128,18 @@ def _scores(
             else:
                 idx = torch.stack([s[start : start + size] for s in sets])
                 batch = [t[idx] for t in tensors]
-            values = run(params, buffers, *batch)
-            for k in range(K):
-                totals[k] += float(values[k]) * size
-        done = common
-    else:
-        done = 0
+            totals += run(params, buffers, *batch).T.cpu() * size
     for k, model in enumerate(models):
-        rest = sets[k][done:]
+        rest = sets[k][common:]
         step = batch_size or max(len(rest), 1)
         for start in range(0, len(rest), step):
             idx = rest[start : start + step]
             batch = [t[idx] for t in tensors]
             inputs = batch[:-1] if last_label else batch
-            pred = model(*inputs)
-            value = loss_fn(pred, batch[-1]) if last_label else loss_fn(pred)
-            totals[k] += float(value) * len(idx)
-    return [totals[k] / len(sets[k]) for k in range(K)]
+            totals[:, k] += values_of(model(*inputs), batch).cpu() * len(idx)
+    sizes = torch.tensor([len(s) for s in sets], dtype=torch.float64)
+    means = totals / sizes
+    return {key: means[i].tolist() for i, key in enumerate(metrics)}
 
 
 def early_stop_each(
