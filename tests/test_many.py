@@ -376,3 +376,32 @@ def test_every_counts_stacked_steps():
     events = [next(stream) for _ in range(3)]
     assert [e["updates"] for e in events] == [[3, 3], [6, 6], [9, 9]]
     assert events[-1]["epoch"] == 1  # 5 steps per epoch
+
+
+def test_batchnorm_buffers_match_plain_loops():
+    def make(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+
+    x, y = _data()
+    models, refs = [make(k) for k in range(3)], [make(k) for k in range(3)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    ref_opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in refs]
+    stream = fit_many(
+        (x, y), models, opts, nn.MSELoss(), batch_size=16, generator=torch.Generator().manual_seed(0)
+    )
+    assert [next(stream) for _ in range(2)][-1]["engine"] == "stacked-native"
+    g = torch.Generator().manual_seed(0)
+    _plain(refs, ref_opts, x, y, [[torch.randperm(N, generator=g)] * 3 for _ in range(2)], 16)
+    for m, r in zip(models, refs, strict=True):
+        for (name, a), b in zip(m.state_dict().items(), r.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dropout_falls_back_with_the_reason():
+    x, y = _data()
+    models = [nn.Sequential(nn.Linear(D, 8), nn.Dropout(0.5), nn.Linear(8, 1)) for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    with pytest.warns(SlowPathWarning, match="sequential"):
+        event = next(fit_many((x, y), models, opts, nn.MSELoss(), batch_size=16))
+    assert event["engine"].startswith("sequential")
