@@ -489,9 +489,8 @@ class _Stacked:
     def _event(self, totals: dict[str, Any], elapsed: float) -> Event:
         plan = self.plan
         samples = totals["samples"]
-        losses = [
-            (totals["loss"][k] / samples[k]).item() if samples[k] else float("nan") for k in range(self.K)
-        ]
+        sums = totals["loss"].tolist()
+        losses = [sums[k] / samples[k] if samples[k] else float("nan") for k in range(self.K)]
         event = Event(
             model=ModelList(plan.models, self),
             step=self.step,
@@ -505,10 +504,8 @@ class _Stacked:
             lr=[_lr(o) for o in plan.optimizers],
         )
         for i, key in enumerate(plan.metrics):
-            event[key] = [
-                (totals["metrics"][i][k] / samples[k]).item() if samples[k] else float("nan")
-                for k in range(self.K)
-            ]
+            values = totals["metrics"][i].tolist()
+            event[key] = [values[k] / samples[k] if samples[k] else float("nan") for k in range(self.K)]
         event["active"] = list(self.active)
         if any(s is not None for s in totals["nonfinite"]):
             event["nonfinite_step"] = totals["nonfinite"]

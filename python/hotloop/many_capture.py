@@ -110,7 +110,7 @@ class StackedModels:
         """Follow tensors the user replaced (``module.weight = ...``); raise CaptureError if one has another
         layout than at capture."""
         for k, model in enumerate(models):
-            current = [*model.parameters(), *model.buffers()]
+            current = _own_tensors(model)
             seen = self.seen[k] if k < len(self.seen) else []
             if len(current) == len(seen) and all(a is b for a, b in zip(current, seen, strict=True)):
                 continue
@@ -126,6 +126,18 @@ class StackedModels:
             while len(self.seen) <= k:
                 self.seen.append([])
             self.seen[k] = current
+
+
+def _own_tensors(model: nn.Module) -> list[Any]:
+    """Every parameter and buffer slot of the module tree, in a fixed order (a cheap identity check)."""
+    out: list[Any] = []
+    pending = [model]
+    while pending:
+        module = pending.pop()
+        out.extend(module._parameters.values())
+        out.extend(module._buffers.values())
+        pending.extend(module._modules.values())
+    return out
 
 
 def stack(models: Sequence[nn.Module]) -> StackedModels:

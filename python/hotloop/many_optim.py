@@ -90,6 +90,8 @@ class StackedOptimizer:
             if self.amsgrad:
                 self.state["max_exp_avg_sq"] = self.max_exp_avg_sq
         self.weights = self._weights()
+        self.published = [False] * self.K  # optimizer k's state entries are the stacked views
+        self._hyper_key: Any = None
         # torch.optim's per-parameter step tensors, as views: [k][i]
         self.step_rows = torch.zeros(self.K, len(params[0]), dtype=torch.float32)
         self.step_views = [list(row.unbind(0)) for row in self.step_rows.unbind(0)]
@@ -129,6 +131,23 @@ class StackedOptimizer:
     def begin_window(self) -> None:
         """Reads the param groups afresh into the hyperparameter tensors (``lr`` may change between
         events); the traced update reads those tensors."""
+        key = tuple(
+            tuple(
+                (
+                    g["lr"],
+                    g["weight_decay"],
+                    g.get("momentum"),
+                    g.get("dampening"),
+                    g.get("betas"),
+                    g.get("eps"),
+                )
+                for g in o.param_groups
+            )
+            for o in self.optimizers
+        )
+        if key == self._hyper_key:
+            return
+        self._hyper_key = key
         for key, value in self._read_hypers().items():
             self.hypers[key].copy_(value)
         for key, value in self._weights().items():
@@ -263,46 +282,55 @@ class StackedOptimizer:
 
     def bind(self) -> None:
         """Makes each optimizer's torch.optim state tensors views of the stacked rows (copying in any that
-        are not, e.g. after ``load_state_dict``), so the fused update writes torch.optim's own state. Reads
-        each model's step count."""
+        are not, e.g. after ``load_state_dict``), so the fused update writes torch.optim's own state; reads
+        each model's step count back from those views (a plain step between events moves them)."""
         sgd = self.kind is torch.optim.SGD
         keys = [key for key, _ in self._keys()]
+        fresh = []
         with torch.no_grad():
             for k, optimizer in enumerate(self.optimizers):
-                steps = set()
+                model_fresh = False
                 for i, p in enumerate(self.params[k]):
                     state = optimizer.state.get(p)
                     if sgd:
                         buf = None if state is None else state.get("momentum_buffer")
-                        self.fresh[k] = buf is None
-                        if buf is not None:
-                            state["momentum_buffer"] = self._adopt(buf, self.views["momentum_buffer"][k][i])
+                        if buf is None:
+                            model_fresh = True
+                            self.published[k] = False
+                            continue
+                        view = self.views["momentum_buffer"][k][i]
+                        if buf is not view:
+                            view.copy_(buf)
+                            state["momentum_buffer"] = view
                         continue
+                    step_view = self.step_views[k][i]
                     if state is None or "step" not in state:
-                        steps.add(0.0)
+                        self.published[k] = False
+                        step_view.zero_()
                         for key in keys:
                             self.views[key][k][i].zero_()
                         continue
-                    step = state["step"]
-                    steps.add(float(step))
                     for key in keys:
-                        state[key] = self._adopt(state[key], self.views[key][k][i])
-                    if step is not self.step_views[k][i]:
-                        self.step_views[k][i].fill_(float(step))
-                        state["step"] = self.step_views[k][i]
-                if not sgd:
-                    if len(steps) > 1:
-                        raise ValueError(
-                            f"optimizer {k}'s parameters have taken different numbers of steps "
-                            f"({sorted(steps)}); fit_many needs one step count per model"
-                        )
-                    self.steps[k] = steps.pop() if steps else 0.0
-
-    @staticmethod
-    def _adopt(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        if tensor.data_ptr() != view.data_ptr():
-            view.copy_(tensor)
-        return view
+                        view = self.views[key][k][i]
+                        if state[key] is not view:
+                            view.copy_(state[key])
+                            state[key] = view
+                    if state["step"] is not step_view:
+                        step_view.fill_(float(state["step"]))
+                        state["step"] = step_view
+                fresh.append(model_fresh)
+            if sgd:
+                self.fresh.copy_(torch.tensor(fresh).reshape(self.K, 1))
+                return
+            rows = self.step_rows
+            uneven = (rows != rows[:, :1]).any(dim=1)
+            if bool(uneven.any()):
+                k = int(uneven.nonzero()[0])
+                raise ValueError(
+                    f"optimizer {k}'s parameters have taken different numbers of steps "
+                    f"({sorted(set(rows[k].tolist()))}); fit_many needs one step count per model"
+                )
+            self.steps.copy_(rows[:, :1])
 
     def store(self, took_steps: Sequence[bool]) -> None:
         """Publishes the step counts and creates the state entries of models that took their first step
@@ -314,21 +342,21 @@ class StackedOptimizer:
             if not sgd:
                 self.step_rows.copy_(self.steps.to(torch.float32).expand_as(self.step_rows))
             for k, optimizer in enumerate(self.optimizers):
-                if not took_steps[k] or (bool(self.fresh[k]) if sgd else self.steps[k].item() == 0):
+                if self.published[k] or not took_steps[k]:
                     continue
-                if sgd:
-                    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+                if sgd and bool(self.fresh[k]):
+                    continue
+                group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
                 for i, p in enumerate(self.params[k]):
                     if sgd:
                         if group_of[id(p)]["momentum"] != 0:
                             optimizer.state[p]["momentum_buffer"] = self.views["momentum_buffer"][k][i]
                         continue
                     state = optimizer.state[p]
-                    if state.get("step") is self.step_views[k][i]:
-                        continue
                     state["step"] = self.step_views[k][i]
                     for key in keys:
                         state[key] = self.views[key][k][i]
+                self.published[k] = True
 
     def unbind(self) -> None:
         """torch.optim's state tensors get their own storage back (the stream ended)."""
