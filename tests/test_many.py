@@ -47,6 +47,7 @@ def _setup(kind: str, k: int = K):
 def _plain(models, optimizers, x, y, orders_per_epoch, batch_size, skip=None):
     """K plain loops: model k visits orders_per_epoch[e][k].split(batch_size) in epoch e."""
     loss_fn = nn.MSELoss()
+    applied = [0] * len(models)
     for orders in orders_per_epoch:
         for k, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
             for idx in orders[k].split(batch_size):
@@ -57,8 +58,8 @@ def _plain(models, optimizers, x, y, orders_per_epoch, batch_size, skip=None):
                     break
                 loss.backward()
                 optimizer.step()
-            else:
-                continue
+                applied[k] += 1
+    return applied
 
 
 def _assert_same(models, optimizers, ref_models, ref_optimizers, only=None):
@@ -156,7 +157,7 @@ def test_a_diverging_model_freezes_alone():
     g = torch.Generator().manual_seed(2)
     orders = [[torch.randperm(N, generator=g)] * K for _ in range(3)]
     skipped: set[int] = set()
-    _plain(ref_models, ref_optimizers, x, y, orders[:1], 16, skip=skipped)
+    applied = _plain(ref_models, ref_optimizers, x, y, orders[:1], 16, skip=skipped)
     assert skipped == {3}
     others = [k for k in range(K) if k != 3]
     _plain(
@@ -169,7 +170,8 @@ def test_a_diverging_model_freezes_alone():
     )
     _assert_same(models, optimizers, ref_models, ref_optimizers, only=others)
     frozen = [e for e in events if "nonfinite_step" in e]
-    assert frozen and frozen[0]["nonfinite_step"][3] is not None
+    assert frozen and frozen[0]["nonfinite_step"][3] == applied[3] + 1
+    assert [s for k, s in enumerate(frozen[0]["nonfinite_step"]) if k != 3] == [None] * (K - 1)
     assert events[-1]["active"] == [k != 3 for k in range(K)]
     assert all(torch.isfinite(p).all() for p in models[3].parameters())
     torch.testing.assert_close(
