@@ -1,6 +1,6 @@
 """fit_many's optimizer update: one pass over K stacked models' flat ``[K, P]`` tensors with per-model
-hyperparameters, op for op what torch.optim's single-tensor SGD/Adam/AdamW do per model, and the copy of
-torch.optim's own state in and out of the stacked tensors at each window's ends.
+hyperparameters, op for op what torch.optim's single-tensor SGD/Adam/AdamW do per model (traced into the
+step's update graphs), with torch.optim's own state tensors made views of the stacked rows.
 
 A model that does not take part in a step (frozen, or out of batches at an epoch's end) gets weights that
 make every op the identity on its row, so its parameters and state stay bitwise as they were.
@@ -53,8 +53,8 @@ def refusal_reason(
 
 
 class StackedOptimizer:
-    """The K optimizers' update over flat ``[K, P]`` parameter rows, with torch.optim's state copied in at
-    ``load`` and back at ``store``."""
+    """The K optimizers' update over flat ``[K, P]`` parameter rows; ``bind`` makes torch.optim's state
+    tensors views of the stacked rows, ``store`` publishes step counts and first-time state entries."""
 
     def __init__(
         self,
