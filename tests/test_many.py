@@ -407,3 +407,23 @@ def test_dropout_falls_back_with_the_reason():
     with pytest.warns(SlowPathWarning, match="sequential"):
         event = next(fit_many((x, y), models, opts, nn.MSELoss(), batch_size=16))
     assert event["engine"].startswith("sequential")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_weight_decay_switched_on_between_events(kind):
+    x, y = _data()
+    a, oa = _setup(kind, 2)
+    b, ob = _setup(kind, 2)
+    for opts in (oa, ob):
+        for o in opts:
+            o.param_groups[0]["weight_decay"] = 0.0
+    stream = fit_many((x, y), a, oa, nn.MSELoss(), batch_size=16, generator=torch.Generator().manual_seed(0))
+    next(stream)
+    oa[1].param_groups[0]["weight_decay"] = 0.1
+    next(stream)
+    g = torch.Generator().manual_seed(0)
+    orders = [[torch.randperm(N, generator=g)] * 2 for _ in range(2)]
+    _plain(b, ob, x, y, orders[:1], 16)
+    ob[1].param_groups[0]["weight_decay"] = 0.1
+    _plain(b, ob, x, y, orders[1:], 16)
+    _assert_same(a, oa, b, ob)

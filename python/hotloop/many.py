@@ -518,6 +518,7 @@ class _Stacked:
         stacked.bind()
         optimizer.bind()
         optimizer.begin_window()
+        train.select_updates()
         train.reset_sums()
         nonfinite: list[int | None] = [None] * K
         raised = None

@@ -246,6 +246,16 @@ class TrainStep:
         self.rows_inputs += optimizer.tensors()
         self.update_all: Any = None
         self.update_rows: Any = None
+        self.updates: dict[Any, tuple[Any, Any]] = {}  # optimizer.use_wd -> (update_all, update_rows)
+
+    def select_updates(self) -> None:
+        """The update graphs for the optimizer's current options (captured the first time they are seen:
+        the weight decay ops are left out while no model decays)."""
+        key = self.optimizer.use_wd
+        if key not in self.updates:
+            capture_updates(self)
+            self.updates[key] = (self.update_all, self.update_rows)
+        self.update_all, self.update_rows = self.updates[key]
 
     def reset_sums(self) -> None:
         for t in (self.loss_sum, self.samples, self.steps, *self.metric_sums):
@@ -354,8 +364,7 @@ def capture(
         graph = lower(gm, len(inputs), protected=protected)
         _verify(graph, models, stacked, train, inputs, loss_fn, last_label, per_model_batch, num_data)
         stacked.graphs[size] = graph
-    if train.update_all is None:
-        capture_updates(train)
+    train.select_updates()
 
 
 def _verify(

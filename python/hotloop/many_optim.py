@@ -91,6 +91,8 @@ class StackedOptimizer:
                 self.state["max_exp_avg_sq"] = self.max_exp_avg_sq
         self.weights = self._weights()
         self.published = [False] * self.K  # optimizer k's state entries are the stacked views
+        # whether any model decays its weights: the traced updates leave the decay ops out when none does
+        self.use_wd = bool((self.hypers["weight_decay"] != 0).any())
         self._hyper_key: Any = None
         # torch.optim's per-parameter step tensors, as views: [k][i]
         self.step_rows = torch.zeros(self.K, len(params[0]), dtype=torch.float32)
@@ -150,6 +152,7 @@ class StackedOptimizer:
         self._hyper_key = key
         for key, value in self._read_hypers().items():
             self.hypers[key].copy_(value)
+        self.use_wd = bool((self.hypers["weight_decay"] != 0).any())
         for key, value in self._weights().items():
             self.weights[key].copy_(value)
 
@@ -193,7 +196,8 @@ class StackedOptimizer:
         if self.maximize:
             grad = -grad
         if self.kind is torch.optim.SGD:
-            grad = grad + param * w["wd"]
+            if self.use_wd:
+                grad = grad + param * w["wd"]
             buf = state["buf"]
             buf.mul_(w["momentum"]).add_(grad * w["take"])
             step = grad + buf * w["momentum"] if self.nesterov else buf
@@ -201,9 +205,9 @@ class StackedOptimizer:
             return
         steps = state["steps"]
         steps.add_(1)
-        if self.decoupled:
+        if self.use_wd and self.decoupled:
             param.mul_(w["decay"])
-        else:
+        elif self.use_wd:
             grad = grad + param * w["wd"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, w["w1"])
@@ -241,7 +245,8 @@ class StackedOptimizer:
             grad = -grad
         lr = keep(h["lr"], 0.0)
         if self.kind is torch.optim.SGD:
-            grad = grad + param * h["weight_decay"].to(dtype)
+            if self.use_wd:
+                grad = grad + param * h["weight_decay"].to(dtype)
             buf, fresh = state["buf"], state["fresh"]
             first = fresh & on
             keep_buf = torch.where(first, torch.zeros_like(h["momentum"]), keep(h["momentum"], 1.0))
@@ -253,9 +258,9 @@ class StackedOptimizer:
             return
         steps = state["steps"]
         steps.add_(on.to(steps.dtype))
-        if self.decoupled:
+        if self.use_wd and self.decoupled:
             param.mul_(keep(1 - h["lr"] * h["weight_decay"], 1.0).to(dtype))
-        else:
+        elif self.use_wd:
             grad = grad + param * h["weight_decay"].to(dtype)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, keep(1 - h["beta1"], 0.0).to(dtype))
