@@ -26,11 +26,12 @@ LAYERS: list[set[str]] = [
     },  # leaves
     {"_native", "fidelity"},
     {"_checks", "_optim_specs"},
-    {"optim", "op_capture", "plan"},
-    {"engines.base", "native_eval"},
+    {"optim", "op_capture", "plan", "many_optim"},
+    {"engines.base", "native_eval", "many_capture"},
     {"engines.python", "engines.native", "engines.cuda_graph"},
-    {"engines", "evaluation", "stages"},
+    {"engines", "evaluation", "stages", "many_stages"},
     {"fit"},
+    {"many"},
     {""},  # the package itself
 ]
 # The loader of the compiled module imports it lazily, to turn a missing or stale build into a clear error.

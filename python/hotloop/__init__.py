@@ -11,6 +11,8 @@ from .batching import iter_batches
 from .evaluation import BestModel, best_model, evaluate, validation_loss
 from .events import Event
 from .fit import FitStream, NonFiniteGradNormError, NonFiniteLossError, epoch_stream, fit
+from .many import ManyStream, ModelList, fit_many, kfold
+from .many_stages import BestModels, best_each, early_stop_each, evaluate_many, validation_loss_many
 from .plotting import LivePlot, live_plot, plot_history
 from .sinks import collect, collect_csv, collect_jsonl, collect_pd, tensorboard
 from .stages import augment, early_stop, ema, pipe, print_keys, progress, take, tap, tick
@@ -26,6 +28,16 @@ __all__ = [
     "epoch_stream",
     "fit",
     "iter_batches",
+    # many models at once
+    "BestModels",
+    "ManyStream",
+    "ModelList",
+    "best_each",
+    "early_stop_each",
+    "evaluate_many",
+    "fit_many",
+    "kfold",
+    "validation_loss_many",
     # stream toolkit
     "BestModel",
     "LivePlot",
