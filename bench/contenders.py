@@ -15,6 +15,7 @@ from .workloads import Workload
 
 BASELINE = "eager loop"
 FUSED = "eager loop, fused optimizer"
+NATIVE_FUSED = "hotloop native, fused optimizer"
 BASELINES = (BASELINE, FUSED)  # ratios are against the faster of these two, per workload
 COMPILE_BREAKS = "torch.compile (model + step, graph breaks)"
 COMPILE_STEP = "torch.compile (whole step, fullgraph)"
@@ -31,6 +32,12 @@ class Contender:
 CONTENDERS = [
     Contender("hotloop graph", loops.hotloop_engine("graph"), "fit(engine='graph'): CUDA graph replay"),
     Contender("hotloop native", loops.hotloop_engine("native"), "fit(engine='native'): C++ op graph"),
+    Contender(
+        NATIVE_FUSED,
+        loops.hotloop_engine("native", fused=True),
+        "fit(engine='native') with the optimizer built fused=True",
+        ("native-fused",),
+    ),
     Contender("hotloop python", loops.hotloop_engine("python"), "fit(engine='python'): Python step"),
     Contender(BASELINE, loops.eager, "fitstream's algorithm: randperm, tensor indexing, plain step"),
     Contender(FUSED, loops.eager_fused, "the eager loop, optimizer built with fused=True", ("eager-fused",)),

@@ -80,15 +80,18 @@ def eager(w: Workload, data: Data, device: torch.device) -> Runner:
     return Runner(lambda: window(batches, w.steps, step, device))
 
 
+def fused_form(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer built ``fused=True`` (one kernel per step for all parameters), or Skip."""
+    try:
+        return type(optimizer)(model.parameters(), **{**optimizer.defaults, "fused": True, "foreach": None})
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise Skip(f"{type(optimizer).__name__} has no fused form here: {exc}") from None
+
+
 def eager_fused(w: Workload, data: Data, device: torch.device) -> Runner:
     """The eager loop with the optimizer built ``fused=True`` (one kernel per step for all parameters)."""
     model, optimizer, loss_fn = w.build(device)
-    try:
-        optimizer = type(optimizer)(
-            model.parameters(), **{**optimizer.defaults, "fused": True, "foreach": None}
-        )
-    except (TypeError, RuntimeError, ValueError) as exc:
-        raise Skip(f"{type(optimizer).__name__} has no fused form here: {exc}") from None
+    optimizer = fused_form(model, optimizer)
     batches = epochs(data, w.batch_size, generator(device))
     step = _plain_step(model, optimizer, loss_fn)
     return Runner(lambda: window(batches, w.steps, step, device))
@@ -149,11 +152,16 @@ def fitstream_loop(w: Workload, data: Data, device: torch.device) -> Runner:
     return Runner(lambda: next(stream)["train_loss"], stream.close)
 
 
-def hotloop_engine(engine: str) -> Callable[[Workload, Data, torch.device], Runner]:
+def hotloop_engine(engine: str, fused: bool = False) -> Callable[[Workload, Data, torch.device], Runner]:
+    """``fit(engine=engine)``; with ``fused`` the optimizer is built ``fused=True``, as in the fused eager
+    loop (the native engine then steps with torch's fused kernels; otherwise it replays the default step)."""
+
     def setup(w: Workload, data: Data, device: torch.device) -> Runner:
         import hotloop
 
         model, optimizer, loss_fn = w.build(device)
+        if fused:
+            optimizer = fused_form(model, optimizer)
         stream = hotloop.fit(
             data, model, optimizer, loss_fn, batch_size=w.batch_size, generator=generator(device),
             every=w.steps, engine=engine,

@@ -196,7 +196,12 @@ def test_select_rejects_unknown_names():
     assert [c.name for c in select(["EAGER LOOP"])] == [BASELINE]
     assert [c.name for c in select(["compile_fullgraph", "eager-loop"])] == [BASELINE, COMPILE_STEP]
     assert [c.name for c in select(["torch-compile", "EAGER-FUSED"])] == [FUSED, COMPILE_BREAKS]
-    assert [c.name for c in select(["hotloop"])] == ["hotloop graph", "hotloop native", "hotloop python"]
+    assert [c.name for c in select(["hotloop"])] == [
+        "hotloop graph",
+        "hotloop native",
+        "hotloop native, fused optimizer",
+        "hotloop python",
+    ]
     with pytest.raises(ValueError, match="unknown contender"):
         select(["eager", "nope"])
 
