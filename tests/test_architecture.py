@@ -14,7 +14,7 @@ PACKAGE = Path(hotloop.__file__).parent
 LAYERS: list[set[str]] = [
     {"_build_info", "_shared", "batching", "events", "metrics", "plotting", "sinks"},  # leaves
     {"_native", "fidelity"},
-    {"_checks", "_optim_specs"},
+    {"_checks", "_optim_specs", "distributed"},
     {"optim", "op_capture", "plan"},
     {"engines.base", "native_eval"},
     {"engines.python", "engines.native", "engines.cuda_graph"},

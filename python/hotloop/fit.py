@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from ._native import _C
 from ._shared import enter_window, leave_window
 from .engines import choose_engine
@@ -92,6 +93,7 @@ def fit(
     on_nonfinite: str = "raise",
     amp: str | None = None,
     resume: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
 
@@ -135,6 +137,9 @@ def fit(
             (``"auto"`` falls back to python on CPU).
         resume: A :meth:`FitStream.state_dict` to continue from: loads the model and optimizer state,
             the data order, the random generators and the counters.
+        seed: Only for a ``DistributedDataParallel`` model under ``torchrun``: each rank trains on the
+            batches ``DistributedSampler(shuffle=shuffle, seed=seed, drop_last=drop_last)`` gives it (epoch
+            e shuffled by a generator seeded ``seed + e``, not ``generator``), batched with ``drop_last``.
 
     Events also carry ``epoch`` (epochs completed), ``updates`` (optimizer steps so far),
     ``samples_per_sec`` and ``engine``. Nothing runs, and bad arguments are not reported, until the
@@ -169,6 +174,7 @@ def fit(
         on_nonfinite=on_nonfinite,
         amp=amp,
         resume=resume,
+        seed=seed,
     )
     return FitStream(lambda: _Session(make_plan(train_data, model, optimizer, loss_fn, **options)))
 
@@ -205,6 +211,11 @@ class _Session:
             plan.generator,
             self.choice.reuse_buffers,
         )
+        data_parallel = plan.data_parallel
+        if data_parallel is not None:
+            self.dataset.set_shard(
+                data_parallel.world, data_parallel.rank, data_parallel.seed, plan.drop_last
+            )
         self.loop = _C.Loop(self.dataset, self.choice.step)
         self.loop.set_guard_nonfinite(plan.guard_nonfinite)
         if plan.resume is not None:
@@ -250,11 +261,21 @@ class _Session:
         if self.choice.begin_window is not None:
             self.choice.begin_window(planned)
         entry = enter_window(self.loop, planned)
+        data_parallel = self.plan.data_parallel
         try:
             with _interrupt_at_step_boundary(self.loop):
-                if every is None:
-                    return self.loop.run(self.dataset.batches_per_epoch, True)
-                return self.loop.run(every, False)
+                try:
+                    if every is None:
+                        stats = self.loop.run(self.dataset.batches_per_epoch, True)
+                    else:
+                        stats = self.loop.run(every, False)
+                except RuntimeError as exc:
+                    if data_parallel is None:
+                        raise
+                    raise distributed.collective_failure(data_parallel, exc) from exc
+            if data_parallel is not None and self.choice.name != "native":
+                stats = distributed.reduce_window(data_parallel, stats)  # the native step reduces its own
+            return stats
         finally:
             leave_window(entry)
             if self.choice.end_window is not None:

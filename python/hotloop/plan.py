@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _checks as check
+from . import distributed
 
 ENGINE_NAMES = ("auto", "graph", "native", "python")
 STATE_VERSION = 1  # of FitStream.state_dict()
@@ -32,6 +33,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "on_nonfinite": "raise",
     "amp": None,
     "resume": None,
+    "seed": 0,
 }
 
 
@@ -58,6 +60,14 @@ class Plan:
     extra: Mapping[str, Any] = field(default_factory=dict)
     step_offset: int = 0
     resume: Mapping[str, Any] | None = None
+    # Data-parallel (a DistributedDataParallel model under torchrun): the shard's seed and the setup.
+    seed: int = 0
+    data_parallel: distributed.Distributed | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The module whose tensors train: the model, or the one a DDP wrapper holds."""
+        return self.data_parallel.module if self.data_parallel is not None else self.model
 
     @property
     def device(self) -> torch.device:
@@ -112,6 +122,12 @@ def make_plan(
             "samples would leave no batch"
         )
     check.check_first_batch(model, loss_fn, tensors, batch_size=options["batch_size"], last_label=last_label)
+    data_parallel = distributed.setup(model, seed=options["seed"])
+    if data_parallel is not None:
+        agreed = ("batch_size", "shuffle", "drop_last", "seed", "every", "engine", "on_nonfinite")
+        distributed.check_agreement(
+            data_parallel, num_samples=tensors[0].shape[0], **{k: options[k] for k in agreed}
+        )
     return Plan(
         model=model,
         optimizer=optimizer,
@@ -119,6 +135,7 @@ def make_plan(
         train_data=tuple(tensors),
         metrics=resolved_metrics,
         extra=dict(extra or {}),
+        data_parallel=data_parallel,
         **options,
     )
 
@@ -129,6 +146,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
     check.check_bool("last_label", options["last_label"])
     check.check_bool("drop_last", options["drop_last"])
     check.check_int("step_offset", options["step_offset"])
+    check.check_int("seed", options["seed"])
     if options["every"] is not None:
         check.check_int("every", options["every"], minimum=1)
     check.check_choice("engine", options["engine"], ENGINE_NAMES)

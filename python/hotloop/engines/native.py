@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .. import op_capture, optim
+from .. import distributed, op_capture, optim
 from .._native import _C
 from .._shared import example_batches
 from ..fidelity import UserState
@@ -26,6 +26,10 @@ class NativeEngine:
                 f"off the CPU the non-finite guard skips steps on the device, which {kind.__name__} cannot "
                 "(only SGD, Adam and AdamW can); pass on_nonfinite='continue' to run it natively"
             )
+        if plan.data_parallel is not None:
+            reason = distributed.native_refusal(plan.data_parallel)
+            if reason is not None:
+                return reason
         return optim.native_refusal(plan.optimizer)
 
     def build(self, plan: Plan) -> EngineRun:
@@ -53,7 +57,7 @@ class _NativeWindows:
         self.captured = self._capture()
         # Python state that forward reads (a temperature a stage anneals between events) is baked into the
         # graphs: when it changes, they are captured again.
-        self.watched = UserState(plan.model, plan.loss_fn)
+        self.watched = UserState(plan.module, plan.loss_fn)
         self.step = _C.NativeStep(
             self.captured.params,
             self.captured.state,
@@ -65,13 +69,20 @@ class _NativeWindows:
         self.settle: list[Callable[[int], None]] = []
 
     def _capture(self) -> op_capture.CapturedStep:
-        plan = self.plan
+        plan, data_parallel = self.plan, self.plan.data_parallel
+        if data_parallel is not None:
+            batches = distributed.example_batches(
+                data_parallel, plan.train_data, plan.batch_size, plan.drop_last
+            )
+        else:
+            batches = example_batches(plan.train_data, plan.batch_size, plan.drop_last, plan.shuffle)
         return op_capture.capture_step(
-            plan.model,
+            plan.module,
             plan.loss_fn,
-            example_batches(plan.train_data, plan.batch_size, plan.drop_last, plan.shuffle),
+            batches,
             last_label=plan.last_label,
             metrics=plan.metric_fns,
+            data_parallel=data_parallel,
         )
 
     def _not_stepped(self) -> list[bool]:
@@ -81,7 +92,7 @@ class _NativeWindows:
 
     def begin_window(self, planned_steps: int) -> None:
         plan, captured = self.plan, self.captured
-        if captured.refresh(plan.model):
+        if captured.refresh(plan.module):
             self.step.bind(captured.params, captured.state)
         changed = self.watched.changes()
         if changed:
@@ -93,7 +104,7 @@ class _NativeWindows:
                     f"capturing it again failed: {exc}"
                 ) from exc
             self.step.set_graphs(list(fresh.graphs.items()))
-            self.watched = UserState(plan.model, plan.loss_fn)
+            self.watched = UserState(plan.module, plan.loss_fn)
         self.step.set_accumulate(self._not_stepped())  # param groups may have been added
         schedule: dict[str, Any] = {}
         if plan.step_scheduler is not None:

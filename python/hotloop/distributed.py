@@ -1,0 +1,244 @@
+"""Data-parallel training under ``torchrun``: what a ``DistributedDataParallel`` model asks of ``fit()``.
+
+A DDP model is trained natively by unwrapping ``.module`` and putting DDP's collectives into the captured
+step itself, as ordinary dispatcher ops (``_c10d_functional.broadcast_`` of the buffers before forward,
+``_c10d_functional.all_reduce_`` of one flat buffer holding the gradients divided by the world size, the
+loss and the train metrics after backward), so the C++ loop runs them with the GIL released and every rank
+sees the same loss: the non-finite guard, the events and whatever a stage decides on them agree on all
+ranks. The data is sharded as ``DistributedSampler`` shards it (``_C.Dataset.set_shard``). DDP options whose
+effect the captured step cannot reproduce are refused with their name, and the python engine then runs the
+DDP wrapper itself (eager DDP on the same shards).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed
+from torch import nn
+
+_c10d = torch.ops._c10d_functional
+
+
+def _dist() -> Any:
+    return torch.distributed
+
+
+def is_ddp(model: Any) -> bool:
+    return any(
+        c.__name__ == "DistributedDataParallel" and c.__module__.startswith("torch.nn.parallel")
+        for c in type(model).__mro__
+    )
+
+
+def initialized() -> bool:
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """One rank's view of a data-parallel ``fit()``: the user's DDP wrapper, its process group, the shard."""
+
+    wrapper: nn.Module  # the user's DistributedDataParallel
+    group: Any  # its torch.distributed ProcessGroup
+    rank: int
+    world: int
+    seed: int  # DistributedSampler's seed: epoch e is shuffled by a generator seeded seed + e
+
+    @property
+    def module(self) -> nn.Module:
+        return self.wrapper.module
+
+    @property
+    def group_name(self) -> str:
+        return self.group.group_name
+
+    @property
+    def broadcast_buffers(self) -> bool:
+        return bool(getattr(self.wrapper, "broadcast_buffers", False)) and self.world > 1
+
+    def shard_samples(self, num_samples: int, drop_last: bool) -> int:
+        """Samples per rank and epoch: DistributedSampler's ``num_samples``."""
+        if drop_last:
+            return num_samples // self.world
+        return -(-num_samples // self.world)
+
+
+_told_alone = False
+
+
+def setup(model: nn.Module, *, seed: int) -> Distributed | None:
+    """The data-parallel setup of a ``fit()`` call on ``model``, or None when it trains alone.
+
+    A plain model inside an initialised process group trains alone on each rank, as before; that is said
+    once (a ``UserWarning`` on rank 0)."""
+    global _told_alone
+    if not is_ddp(model):
+        if initialized() and not _told_alone:
+            _told_alone = True
+            if _dist().get_rank() == 0:
+                warnings.warn(
+                    "a process group is initialised but the model is not wrapped in DistributedDataParallel: "
+                    "every rank trains its own model on all the data (wrap it in DDP to train data-parallel)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        return None
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    group = model.process_group
+    return Distributed(wrapper=model, group=group, rank=group.rank(), world=group.size(), seed=seed)
+
+
+def native_refusal(setup: Distributed) -> str | None:
+    """Why the native engine cannot reproduce this DDP wrapper's step exactly, naming the option, or None."""
+    ddp = setup.wrapper
+    checks = (
+        (getattr(ddp, "find_unused_parameters", False), "find_unused_parameters=True"),
+        (getattr(ddp, "static_graph", False), "static_graph=True"),
+        (getattr(ddp, "_comm_hooks", None), "a registered comm hook (register_comm_hook)"),
+        (not getattr(ddp, "require_backward_grad_sync", True), "no_sync() (gradient sync is switched off)"),
+        (getattr(ddp, "mixed_precision", None) is not None, "DDP mixed_precision"),
+        (getattr(ddp, "parameters_to_ignore", None), "parameters ignored by DDP"),
+        (getattr(ddp, "_delay_all_reduce_all_params", False), "delay_all_reduce_named_params"),
+        (getattr(ddp, "_delay_all_reduce_params", None), "delay_all_reduce_named_params"),
+        (getattr(ddp, "_use_python_reducer", False), "the python reducer (compiled DDP)"),
+        (getattr(ddp, "device_mesh", None) is not None, "a device_mesh"),
+        (getattr(ddp, "_join_config", None) is not None and ddp._join_config.enable, "the Join context"),
+    )
+    for unsupported, what in checks:
+        if unsupported:
+            return (
+                f"the DistributedDataParallel model uses {what}, which the native engine's in-graph "
+                "all-reduce does not reproduce"
+            )
+    if getattr(ddp, "buffer_hook", None) is not None:
+        return (
+            "the DistributedDataParallel model has a buffer comm hook, which the native engine does not run"
+        )
+    return None
+
+
+def check_agreement(setup: Distributed, **values: Any) -> None:
+    """Every rank must train with the same number of samples and options, or the ranks would not take the
+    same number of steps and one would wait for the others forever: one collective at the start."""
+    dist = _dist()
+    gathered: list[Any] = [None] * setup.world
+    dist.all_gather_object(gathered, values, group=setup.group)
+    for rank, theirs in enumerate(gathered):
+        for key, value in values.items():
+            if theirs[key] != value:
+                raise ValueError(
+                    f"the ranks disagree on {key}: rank {setup.rank} has {value!r}, rank {rank} has "
+                    f"{theirs[key]!r}; every rank must call fit() with the same data size and options"
+                )
+
+
+def example_batches(
+    setup: Distributed, data: Sequence[torch.Tensor], batch_size: int, drop_last: bool
+) -> list[list[torch.Tensor]]:
+    """One batch of each size this rank will train on, of samples specific to this rank (its first
+    shard): with the same batch on every rank a missing all-reduce would pass the capture check."""
+    n = data[0].shape[0]
+    per_rank = setup.shard_samples(n, drop_last)
+    index = torch.arange(setup.rank, per_rank * setup.world, setup.world) % n
+    sizes = [min(batch_size, per_rank)]
+    if not drop_last and per_rank % batch_size and per_rank > batch_size:
+        sizes.append(per_rank % batch_size)
+    index = index.to(data[0].device)
+    return [[t.index_select(0, index[:size]) for t in data] for size in sizes]
+
+
+def synced(
+    setup: Distributed,
+    joint: Callable[..., tuple[torch.Tensor, ...]],
+    num_params: int,
+    buffer_positions: Sequence[int],
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``joint`` (``(params, state, *batch) -> (*grads, loss, *metrics)``) with DDP's collectives traced in:
+    the buffers (``state[i]`` for i in ``buffer_positions``) broadcast from rank 0 before forward, as
+    ``broadcast_buffers=True`` does; then one all-reduce of the gradients divided by the world size (DDP
+    divides before summing) together with loss and metrics (their mean over the ranks)."""
+    world, name = setup.world, setup.group_name
+    broadcast = setup.broadcast_buffers
+
+    def step(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
+        if broadcast and buffer_positions:
+            for group in _by_dtype([state[i] for i in buffer_positions]):
+                flat = torch.cat([t.reshape(-1) for t in group])
+                flat = _c10d.wait_tensor(_c10d.broadcast_(flat, 0, name))
+                for tensor, value in zip(group, _split(flat, group), strict=True):
+                    tensor.copy_(value)
+        outputs = joint(params, state, *batch)
+        reduced = [t / world for t in outputs]
+        result: dict[int, torch.Tensor] = {}
+        for group in _by_dtype(list(range(len(reduced))), key=lambda i: reduced[i].dtype):
+            tensors = [reduced[i] for i in group]
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            flat = _c10d.wait_tensor(_c10d.all_reduce_(flat, "sum", name))
+            result.update(zip(group, _split(flat, tensors), strict=True))
+        return tuple(result[i] for i in range(len(reduced)))
+
+    del num_params  # every output is reduced: gradients, loss and metrics alike
+    return step
+
+
+def _by_dtype(items: list[Any], key: Callable[[Any], Any] = lambda t: t.dtype) -> list[list[Any]]:
+    groups: dict[Any, list[Any]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+def _split(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    pieces = torch.split(flat, [t.numel() for t in like])
+    return [p.view(t.shape) for p, t in zip(pieces, like, strict=True)]
+
+
+def mean_over_ranks(setup: Distributed, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The ranks' mean of each value (eagerly, for the capture check's reference)."""
+    dist = _dist()
+    out = []
+    for value in values:
+        value = value.detach() / setup.world
+        dist.all_reduce(value, group=setup.group)
+        out.append(value)
+    return out
+
+
+def collective_failure(setup: Distributed, exc: BaseException) -> RuntimeError:
+    """The error a rank raises when a collective of its step failed: another rank stopped or failed."""
+    return RuntimeError(
+        f"rank {setup.rank}: a collective of the data-parallel step failed, so another rank stopped, "
+        f"failed or left (its own error says why); this rank stops too ({type(exc).__name__}: "
+        f"{(str(exc).strip().splitlines() or [''])[0]})"
+    )
+
+
+def reduce_window(setup: Distributed, stats: Any) -> Any:
+    """A window's sums over all ranks (engines whose step does not reduce its loss), so every rank reports
+    the same event; the first non-finite step of any rank."""
+    values = torch.tensor([stats.loss_sum, float(stats.samples), *stats.metric_sums], dtype=torch.float64)
+    _dist().all_reduce(values, group=setup.group)
+    bad = torch.tensor([stats.nonfinite_step if stats.nonfinite_step >= 0 else 2**62], dtype=torch.int64)
+    _dist().all_reduce(bad, op=_dist().ReduceOp.MIN, group=setup.group)
+    return SimpleNamespace(
+        loss_sum=values[0].item(),
+        samples=int(values[1].item()),
+        steps=stats.steps,
+        metric_sums=values[2:].tolist(),
+        nonfinite_step=int(bad.item()) if bad.item() < 2**62 else -1,
+    )
+
+
+def any_rank(setup: Distributed, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (one collective)."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    _dist().all_reduce(value, group=setup.group)
+    return bool(value.item() > 0)

@@ -1,0 +1,292 @@
+"""Data-parallel fit() in a process group: 2 gloo ranks on loopback, spawned from the test, bounded in time.
+
+Each spawned group runs several scenarios (starting processes dominates the cost) and saves what each rank
+saw; the checks run here, in the test process."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from datetime import timedelta
+
+import hotloop
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hotloop._native import _C
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+WORLD = 2
+N, FEATURES, BATCH, EPOCHS, SEED = 37, 5, 4, 3, 3
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with gloo is unavailable",
+)
+
+
+# --- sharding: the C++ dataset against DistributedSampler, no processes needed ---------------------------
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shards_equal_distributed_sampler_over_three_epochs(world, drop_last, shuffle):
+    n, batch = 23, 4
+    data = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    for rank in range(world):
+        sampler = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=SEED, drop_last=drop_last
+        )
+        dataset = _C.Dataset([data], batch, shuffle, drop_last, None, True)
+        dataset.set_shard(world, rank, SEED, drop_last)
+        assert dataset.shard_samples == len(sampler)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            expected = list(sampler)
+            batches = len(expected) // batch if drop_last else math.ceil(len(expected) / batch)
+            assert dataset.batches_per_epoch == batches
+            got = [i for _ in range(batches) for i in dataset.next_indices().tolist()]
+            assert got == expected[: len(got)]
+            assert dataset.epochs_completed == epoch + 1
+
+
+# --- spawned ranks ----------------------------------------------------------------------------------------
+
+
+def _data(rank_poison: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(N, FEATURES, generator=generator)
+    y = torch.randn(N, 1, generator=generator)
+    return x, y
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def _eager_ddp(data, epochs: int, drop_last: bool) -> tuple[nn.Module, list[float]]:
+    """The loop a DDP user writes: DistributedSampler + DataLoader, forward, backward, step."""
+    model = DDP(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dataset = TensorDataset(*data)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=SEED, drop_last=drop_last)
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, drop_last=drop_last)
+    losses = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return model.module, losses
+
+
+def _hotloop_ddp(data, epochs: int, drop_last: bool, **options):
+    model = DDP(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    stream = hotloop.fit(
+        data, model, opt, F.mse_loss, batch_size=BATCH, seed=SEED, drop_last=drop_last, **options
+    )
+    events = [next(stream) for _ in range(epochs)]
+    return model, opt, stream, events
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _scenario_parity(rank: int) -> dict:
+    out = {}
+    for drop_last in (False, True):
+        data = _data()
+        model, _, stream, events = _hotloop_ddp(data, EPOCHS, drop_last)
+        stream.close()
+        reference, _ = _eager_ddp(data, EPOCHS, drop_last)
+        out[drop_last] = {
+            "hotloop": _weights(model.module),
+            "eager": _weights(reference),
+            "events": [
+                {k: e[k] for k in ("engine", "updates", "epoch", "train_loss", "step")} for e in events
+            ],
+        }
+    return out
+
+
+def _scenario_resume(rank: int, tmp: str) -> dict:
+    data = _data()
+    model, opt, stream, _ = _hotloop_ddp(data, 1, False, every=3)
+    state = stream.state_dict()
+    stream.close()
+    torch.save(state, os.path.join(tmp, f"state{rank}.pt"))
+    # a new model and optimizer, as after a restart, resumed from the saved state
+    resumed = DDP(_model())
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    state = torch.load(os.path.join(tmp, f"state{rank}.pt"), weights_only=False)
+    stream = hotloop.fit(data, resumed, opt2, F.mse_loss, batch_size=BATCH, seed=SEED, every=3, resume=state)
+    after = [next(stream)["updates"] for _ in range(4)]
+    stream.close()
+    straight, _, stream, _ = _hotloop_ddp(data, 5, False, every=3)
+    stream.close()
+    return {"resumed": _weights(resumed.module), "straight": _weights(straight.module), "updates": after}
+
+
+def _scenario_nonfinite(rank: int) -> dict:
+    x, y = _data()
+    x = x.clone()
+    x[N // 2] = float("nan")  # on one rank's shard only, in some epoch
+    model, opt, stream, events = None, None, None, []
+    model = DDP(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    stream = hotloop.fit((x, y), model, opt, F.mse_loss, batch_size=BATCH, seed=SEED)
+    try:
+        for _ in range(3):
+            events.append(next(stream))
+        error = None
+    except hotloop.NonFiniteLossError as exc:
+        error = str(exc)
+    return {"error": error, "weights": _weights(model.module), "events": len(events)}
+
+
+def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=timedelta(seconds=30),
+        )
+        if scenario == "train":
+            result["parity"] = _scenario_parity(rank)
+            result["nonfinite"] = _scenario_nonfinite(rank)
+            result["resume"] = _scenario_resume(rank, tmp)
+        elif scenario == "raise":
+            model = DDP(_model())
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            stream = hotloop.fit(_data(), model, opt, F.mse_loss, batch_size=BATCH, seed=SEED, every=2)
+            next(stream)
+            if rank == 1:
+                raise ValueError("rank 1 fails on purpose")
+            started = time.perf_counter()
+            try:
+                for _ in range(1000):
+                    next(stream)
+            except RuntimeError as exc:
+                result["error"] = str(exc)
+                result["seconds"] = time.perf_counter() - started
+    except Exception:
+        result["raised"] = traceback.format_exc()
+    torch.save(result, os.path.join(tmp, f"result{rank}.pt"))
+    if scenario == "raise" and rank == 1:
+        os._exit(0)  # leave without a goodbye, as a crashed rank does
+    dist.destroy_process_group()
+
+
+def _spawn(tmp_path, scenario: str, timeout: float = 60.0) -> list[dict]:
+    context = mp.start_processes(
+        _worker,
+        args=(str(tmp_path / "store"), str(tmp_path), scenario),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks of scenario {scenario!r} did not finish within {timeout} s (a hang)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(tmp_path / f"result{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    results = _spawn(tmp_path_factory.mktemp("ddp"), "train")
+    for rank, result in enumerate(results):
+        assert "raised" not in result, f"rank {rank}:\n{result['raised']}"
+    return results
+
+
+def _params(weights: dict) -> dict:
+    return {k: v for k, v in weights.items() if "running" not in k and "num_batches" not in k}
+
+
+def _assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_native_ddp_equals_a_ddp_eager_loop_on_every_rank(trained, drop_last):
+    per_rank = N // WORLD if drop_last else math.ceil(N / WORLD)
+    steps = per_rank // BATCH if drop_last else math.ceil(per_rank / BATCH)
+    for result in trained:
+        run = result["parity"][drop_last]
+        _assert_close(run["hotloop"], run["eager"], atol=1e-6)
+        assert [e["engine"] for e in run["events"]] == ["native"] * EPOCHS
+        assert [e["updates"] for e in run["events"]] == [steps * (i + 1) for i in range(EPOCHS)]
+    # identical parameters and identical events on every rank (buffers hold each rank's last batch
+    # statistics, as under DDP: they are broadcast at the start of the next step)
+    first = trained[0]["parity"][drop_last]
+    for result in trained[1:]:
+        _assert_close(_params(result["parity"][drop_last]["hotloop"]), _params(first["hotloop"]), atol=0)
+        assert result["parity"][drop_last]["events"] == first["events"]
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(trained):
+    errors = [r["nonfinite"]["error"] for r in trained]
+    assert errors[0] is not None and "non-finite loss" in errors[0]
+    assert errors[0] == errors[1]
+    _assert_close(
+        _params(trained[0]["nonfinite"]["weights"]), _params(trained[1]["nonfinite"]["weights"]), atol=0
+    )
+
+
+def test_resume_across_a_restart_equals_an_uninterrupted_run(trained):
+    for result in trained:
+        assert result["resume"]["updates"] == [6, 9, 12, 15]
+        _assert_close(result["resume"]["resumed"], result["resume"]["straight"], atol=0)
+
+
+def test_a_rank_that_raises_ends_the_others_with_the_reason(tmp_path):
+    results = _spawn(tmp_path, "raise", timeout=45.0)
+    assert "rank 1 fails on purpose" in results[1]["raised"]
+    assert "raised" not in results[0], results[0].get("raised")
+    assert "another rank stopped, failed or left" in results[0]["error"]
+    assert results[0]["seconds"] < 30
+
+
+def test_ddp_options_the_native_step_cannot_reproduce_are_refused_by_name(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DDP(_model(), find_unused_parameters=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with pytest.warns(hotloop.SlowPathWarning, match="find_unused_parameters=True"):
+            event = next(hotloop.fit(_data(), model, opt, F.mse_loss, batch_size=BATCH, drop_last=True))
+        assert event["engine"] == "python"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_native_ddp_on_cuda_with_nccl():  # pragma: no cover - no GPUs in CI
+    pytest.skip("NCCL parity runs on a 2-GPU machine: bench/ddp.py --device cuda")
