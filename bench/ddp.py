@@ -5,7 +5,8 @@ PYTHONPATH=python python bench/ddp.py --steps 400 --width 256
 
 Every contender trains the same MLP (SGD with momentum) for --steps optimizer steps after warm-up steps
 that are not timed; a rank's per-step time is its wall time over its steps, the row reports the slower
-rank. "one process" is hotloop's native engine on the plain model in a single process (no collective).
+rank. "one process" is hotloop's native engine on the plain model in a single process (no collective);
+the sync_every row is local SGD (parameters averaged every N steps), a different algorithm from DDP's.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def _data(n: int, features: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, features, generator=g), torch.randn(n, 1, generator=g)
 
 
-def _native(args, model: nn.Module, data) -> float:
+def _native(args, model: nn.Module, data, **options) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    stream = hotloop.fit(data, model, opt, F.mse_loss, batch_size=args.batch, every=args.steps)
+    stream = hotloop.fit(data, model, opt, F.mse_loss, batch_size=args.batch, every=args.steps, **options)
     next(stream)  # capture and warm-up window
     started = time.perf_counter()
     event = next(stream)
@@ -89,6 +90,9 @@ def _worker(rank: int, args, store: str, results: str) -> None:
     times = {
         "hotloop native, 2 ranks": _native(args, DDP(_model(args.width, args.features)), data),
         "DDP eager loop, 2 ranks": _eager(args, DDP(_model(args.width, args.features)), data),
+        f"hotloop sync_every={args.sync_every}, 2 ranks": _native(
+            args, DDP(_model(args.width, args.features)), data, sync_every=args.sync_every
+        ),
     }
     torch.save(times, os.path.join(results, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--features", type=int, default=32)
     p.add_argument("--samples", type=int, default=8192)
+    p.add_argument("--sync-every", type=int, default=16, help="local SGD period of the sync_every row")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -157,6 +157,37 @@ def _scenario_nonfinite(rank: int) -> dict:
     return {"error": error, "weights": _weights(model.module), "events": len(events)}
 
 
+def _scenario_local_sgd(rank: int, period: int = 3) -> dict:
+    data = _data()
+    model, _, stream, events = _hotloop_ddp(data, 2, False, sync_every=period)
+    stream.close()
+    # the reference: each rank steps alone on its DistributedSampler batches, parameters averaged every
+    # `period` steps
+    reference = _model()
+    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    dataset = TensorDataset(*data)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=SEED)
+    steps = 0
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for x, y in DataLoader(dataset, batch_size=BATCH, sampler=sampler):
+            opt.zero_grad()
+            F.mse_loss(reference(x), y).backward()
+            opt.step()
+            steps += 1
+            if steps % period == 0:
+                with torch.no_grad():
+                    for p in reference.parameters():
+                        p.div_(WORLD)
+                        dist.all_reduce(p)
+    return {
+        "hotloop": _weights(model.module),
+        "reference": _weights(reference),
+        "engines": [e["engine"] for e in events],
+        "losses": [e["train_loss"] for e in events],
+    }
+
+
 def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
     torch.set_num_threads(1)
     result: dict = {}
@@ -172,6 +203,7 @@ def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
             result["parity"] = _scenario_parity(rank)
             result["nonfinite"] = _scenario_nonfinite(rank)
             result["resume"] = _scenario_resume(rank, tmp)
+            result["local_sgd"] = _scenario_local_sgd(rank)
         elif scenario == "raise":
             model = DDP(_model())
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -265,6 +297,14 @@ def test_resume_across_a_restart_equals_an_uninterrupted_run(trained):
     for result in trained:
         assert result["resume"]["updates"] == [6, 9, 12, 15]
         _assert_close(result["resume"]["resumed"], result["resume"]["straight"], atol=0)
+
+
+def test_sync_every_is_local_sgd_with_periodic_parameter_averaging(trained):
+    for result in trained:
+        run = result["local_sgd"]
+        assert run["engines"] == ["native", "native"]
+        _assert_close(run["hotloop"], run["reference"], atol=1e-6)
+    assert trained[0]["local_sgd"]["losses"] == trained[1]["local_sgd"]["losses"]
 
 
 def test_a_rank_that_raises_ends_the_others_with_the_reason(tmp_path):

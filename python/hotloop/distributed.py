@@ -50,6 +50,7 @@ class Distributed:
     rank: int
     world: int
     seed: int  # DistributedSampler's seed: epoch e is shuffled by a generator seeded seed + e
+    sync_every: int | None = None  # local SGD: parameters averaged every sync_every steps, no gradient sync
 
     @property
     def module(self) -> nn.Module:
@@ -73,7 +74,7 @@ class Distributed:
 _told_alone = False
 
 
-def setup(model: nn.Module, *, seed: int) -> Distributed | None:
+def setup(model: nn.Module, *, seed: int, sync_every: int | None = None) -> Distributed | None:
     """The data-parallel setup of a ``fit()`` call on ``model``, or None when it trains alone.
 
     A plain model inside an initialised process group trains alone on each rank, as before; that is said
@@ -89,11 +90,15 @@ def setup(model: nn.Module, *, seed: int) -> Distributed | None:
                     UserWarning,
                     stacklevel=4,
                 )
+        if sync_every is not None:
+            raise ValueError("sync_every needs a DistributedDataParallel model (its process group is used)")
         return None
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     group = model.process_group
-    return Distributed(wrapper=model, group=group, rank=group.rank(), world=group.size(), seed=seed)
+    return Distributed(
+        wrapper=model, group=group, rank=group.rank(), world=group.size(), seed=seed, sync_every=sync_every
+    )
 
 
 def native_refusal(setup: Distributed) -> str | None:
@@ -235,6 +240,50 @@ def reduce_window(setup: Distributed, stats: Any) -> Any:
         metric_sums=values[2:].tolist(),
         nonfinite_step=int(bad.item()) if bad.item() < 2**62 else -1,
     )
+
+
+def local_sgd_window(
+    setup: Distributed, loop: Any, dataset: Any, every: int | None, updates_before: int
+) -> Any:
+    """One window of local SGD (``sync_every``): each rank steps alone; after every ``sync_every``-th step
+    of the run, and at the window's end, one all-reduce carries the parameters and a stop flag (a rank's
+    non-finite loss), so the ranks always make the same collective calls; the parameters are replaced by
+    their mean over the ranks only at a multiple of ``sync_every``. Returns the window's stats summed over
+    the ranks."""
+    period = setup.sync_every
+    assert period is not None
+    params = [p for p in setup.module.parameters() if p.requires_grad]
+    loss_sum, samples, steps, metric_sums, bad = 0.0, 0, 0, None, -1
+    while True:
+        done = updates_before + loop.total_steps
+        chunk = period - done % period
+        if every is not None:
+            chunk = min(chunk, every - steps)
+        stats = loop.run(chunk, every is None)
+        loss_sum += stats.loss_sum
+        samples += stats.samples
+        steps += stats.steps
+        sums = list(stats.metric_sums)
+        metric_sums = sums if metric_sums is None else [a + b for a, b in zip(metric_sums, sums, strict=True)]
+        if stats.nonfinite_step >= 0 and bad < 0:
+            bad = stats.nonfinite_step
+        with torch.no_grad():
+            flat = torch.cat(
+                [p.detach().reshape(-1) / setup.world for p in params]
+                + [torch.tensor([1.0 if bad >= 0 else 0.0], dtype=params[0].dtype, device=params[0].device)]
+            )
+            _dist().all_reduce(flat, group=setup.group)
+            stop = bool(flat[-1].item() > 0)
+            if not stop and (updates_before + loop.total_steps) % period == 0:
+                for p, value in zip(params, _split(flat[:-1], params), strict=True):
+                    p.copy_(value)
+        window_done = steps >= every if every is not None else dataset.batch_index == 0
+        if stop or window_done:
+            break
+    total = SimpleNamespace(
+        loss_sum=loss_sum, samples=samples, steps=steps, metric_sums=metric_sums or [], nonfinite_step=bad
+    )
+    return reduce_window(setup, total)
 
 
 def any_rank(setup: Distributed, flag: bool) -> bool:

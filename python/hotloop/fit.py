@@ -94,6 +94,7 @@ def fit(
     amp: str | None = None,
     resume: Mapping[str, Any] | None = None,
     seed: int = 0,
+    sync_every: int | None = None,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
 
@@ -175,6 +176,7 @@ def fit(
         amp=amp,
         resume=resume,
         seed=seed,
+        sync_every=sync_every,
     )
     return FitStream(lambda: _Session(make_plan(train_data, model, optimizer, loss_fn, **options)))
 
@@ -212,6 +214,9 @@ class _Session:
             self.choice.reuse_buffers,
         )
         data_parallel = plan.data_parallel
+        local_sgd = data_parallel is not None and data_parallel.sync_every is not None
+        if local_sgd and self.choice.name != "native":
+            raise ValueError(f"sync_every needs the native engine, and fit() chose {self.choice.name}")
         if data_parallel is not None:
             self.dataset.set_shard(
                 data_parallel.world, data_parallel.rank, data_parallel.seed, plan.drop_last
@@ -265,6 +270,10 @@ class _Session:
         try:
             with _interrupt_at_step_boundary(self.loop):
                 try:
+                    if data_parallel is not None and data_parallel.sync_every is not None:
+                        return distributed.local_sgd_window(
+                            data_parallel, self.loop, self.dataset, every, self.updates_before
+                        )
                     if every is None:
                         stats = self.loop.run(self.dataset.batches_per_epoch, True)
                     else:

@@ -34,6 +34,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "amp": None,
     "resume": None,
     "seed": 0,
+    "sync_every": None,
 }
 
 
@@ -62,6 +63,7 @@ class Plan:
     resume: Mapping[str, Any] | None = None
     # Data-parallel (a DistributedDataParallel model under torchrun): the shard's seed and the setup.
     seed: int = 0
+    sync_every: int | None = None
     data_parallel: distributed.Distributed | None = None
 
     @property
@@ -122,9 +124,10 @@ def make_plan(
             "samples would leave no batch"
         )
     check.check_first_batch(model, loss_fn, tensors, batch_size=options["batch_size"], last_label=last_label)
-    data_parallel = distributed.setup(model, seed=options["seed"])
+    data_parallel = distributed.setup(model, seed=options["seed"], sync_every=options["sync_every"])
     if data_parallel is not None:
         agreed = ("batch_size", "shuffle", "drop_last", "seed", "every", "engine", "on_nonfinite")
+        agreed += ("sync_every",)
         distributed.check_agreement(
             data_parallel, num_samples=tensors[0].shape[0], **{k: options[k] for k in agreed}
         )
@@ -147,6 +150,8 @@ def _check_options(options: Mapping[str, Any]) -> None:
     check.check_bool("drop_last", options["drop_last"])
     check.check_int("step_offset", options["step_offset"])
     check.check_int("seed", options["seed"])
+    if options["sync_every"] is not None:
+        check.check_int("sync_every", options["sync_every"], minimum=1)
     if options["every"] is not None:
         check.check_int("every", options["every"], minimum=1)
     check.check_choice("engine", options["engine"], ENGINE_NAMES)

@@ -76,13 +76,14 @@ class _NativeWindows:
             )
         else:
             batches = example_batches(plan.train_data, plan.batch_size, plan.drop_last, plan.shuffle)
+        local = data_parallel is not None and data_parallel.sync_every is not None  # local SGD: no sync
         return op_capture.capture_step(
             plan.module,
             plan.loss_fn,
             batches,
             last_label=plan.last_label,
             metrics=plan.metric_fns,
-            data_parallel=data_parallel,
+            data_parallel=None if local else data_parallel,
         )
 
     def _not_stepped(self) -> list[bool]:
