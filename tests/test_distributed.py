@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -188,6 +190,21 @@ def _scenario_local_sgd(rank: int, period: int = 3) -> dict:
     }
 
 
+def _scenario_interrupt(rank: int) -> dict:
+    model = DDP(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    stream = hotloop.fit(_data(), model, opt, F.mse_loss, batch_size=BATCH, seed=SEED, every=300)
+    next(stream)
+    if rank == 1:  # Ctrl-C on one rank only, in the middle of a window
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        next(stream)
+        next(stream)
+        return {"interrupted": False}
+    except KeyboardInterrupt:
+        return {"interrupted": True, "updates": stream.state_dict()["updates"]}
+
+
 def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
     torch.set_num_threads(1)
     result: dict = {}
@@ -204,6 +221,7 @@ def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
             result["nonfinite"] = _scenario_nonfinite(rank)
             result["resume"] = _scenario_resume(rank, tmp)
             result["local_sgd"] = _scenario_local_sgd(rank)
+            result["interrupt"] = _scenario_interrupt(rank)
         elif scenario == "raise":
             model = DDP(_model())
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -305,6 +323,12 @@ def test_sync_every_is_local_sgd_with_periodic_parameter_averaging(trained):
         assert run["engines"] == ["native", "native"]
         _assert_close(run["hotloop"], run["reference"], atol=1e-6)
     assert trained[0]["local_sgd"]["losses"] == trained[1]["local_sgd"]["losses"]
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(trained):
+    outcomes = [r["interrupt"] for r in trained]
+    assert all(o["interrupted"] for o in outcomes), outcomes
+    assert outcomes[0]["updates"] == outcomes[1]["updates"]
 
 
 def test_a_rank_that_raises_ends_the_others_with_the_reason(tmp_path):

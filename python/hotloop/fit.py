@@ -267,28 +267,40 @@ class _Session:
             self.choice.begin_window(planned)
         entry = enter_window(self.loop, planned)
         data_parallel = self.plan.data_parallel
+        # Under a process group a Ctrl-C is agreed on at the window's end, so every rank stops at the same
+        # step and none waits in a collective for a rank that left.
+        deferred: list[bool] | None = None if data_parallel is None else []
         try:
-            with _interrupt_at_step_boundary(self.loop):
-                try:
-                    if data_parallel is not None and data_parallel.sync_every is not None:
-                        return distributed.local_sgd_window(
-                            data_parallel, self.loop, self.dataset, every, self.updates_before
-                        )
-                    if every is None:
-                        stats = self.loop.run(self.dataset.batches_per_epoch, True)
-                    else:
-                        stats = self.loop.run(every, False)
-                except RuntimeError as exc:
-                    if data_parallel is None:
-                        raise
-                    raise distributed.collective_failure(data_parallel, exc) from exc
-            if data_parallel is not None and self.choice.name != "native":
-                stats = distributed.reduce_window(data_parallel, stats)  # the native step reduces its own
+            with _interrupt_at_step_boundary(self.loop, deferred):
+                if data_parallel is None:
+                    stats = self._run_steps(every)
+                else:
+                    stats = self._run_steps_data_parallel(data_parallel, every)
+            if data_parallel is not None and distributed.any_rank(data_parallel, bool(deferred)):
+                raise KeyboardInterrupt("interrupted on some rank; every rank stops after this window")
             return stats
         finally:
             leave_window(entry)
             if self.choice.end_window is not None:
                 self.choice.end_window()
+
+    def _run_steps(self, every: int | None) -> Any:
+        if every is None:
+            return self.loop.run(self.dataset.batches_per_epoch, True)
+        return self.loop.run(every, False)
+
+    def _run_steps_data_parallel(self, data_parallel: Any, every: int | None) -> Any:
+        try:
+            if data_parallel.sync_every is not None:
+                return distributed.local_sgd_window(
+                    data_parallel, self.loop, self.dataset, every, self.updates_before
+                )
+            stats = self._run_steps(every)
+        except RuntimeError as exc:
+            raise distributed.collective_failure(data_parallel, exc) from exc
+        if self.choice.name != "native":
+            stats = distributed.reduce_window(data_parallel, stats)  # the native step reduces its own
+        return stats
 
     def release(self) -> None:
         self.loop = self.dataset = self.choice = None  # type: ignore[assignment]
@@ -363,12 +375,13 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def _interrupt_at_step_boundary(loop: Any) -> Iterator[None]:
+def _interrupt_at_step_boundary(loop: Any, deferred: list[bool] | None = None) -> Iterator[None]:
     """Turn Ctrl-C during a window into a KeyboardInterrupt raised between two steps, never inside one.
 
     Only Python's default SIGINT handler is replaced, and only from the main thread; a handler the user
     installed runs as usual. A Ctrl-C the loop did not see (it came after the window's last check) is
-    raised when the window returns.
+    raised when the window returns. With ``deferred`` (a list) a Ctrl-C lets the window finish and is
+    only recorded there, for the caller to act on.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -380,6 +393,9 @@ def _interrupt_at_step_boundary(loop: Any) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         nonlocal interrupted
+        if deferred is not None:
+            deferred.append(True)
+            return
         interrupted = True
         loop.request_interrupt()
 
