@@ -205,12 +205,40 @@ def _scenario_interrupt(rank: int) -> dict:
         return {"interrupted": True, "updates": stream.state_dict()["updates"]}
 
 
+def _scenario_cuda(rank: int) -> dict:
+    device = torch.device("cuda", rank)
+    data = tuple(t.to(device) for t in _data())
+    model = DDP(_model().to(device), device_ids=[rank])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    stream = hotloop.fit(data, model, opt, F.mse_loss, batch_size=BATCH, seed=SEED)
+    events = [next(stream) for _ in range(EPOCHS)]
+    stream.close()
+    reference = DDP(_model().to(device), device_ids=[rank])
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    sampler = DistributedSampler(TensorDataset(*data), shuffle=True, seed=SEED)
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
+        for start in range(0, len(order), BATCH):
+            index = order[start : start + BATCH]
+            ref_opt.zero_grad()
+            F.mse_loss(reference(data[0][index]), data[1][index]).backward()
+            ref_opt.step()
+    return {
+        "hotloop": {k: v.cpu() for k, v in _weights(model.module).items()},
+        "eager": {k: v.cpu() for k, v in _weights(reference.module).items()},
+        "engines": [e["engine"] for e in events],
+    }
+
+
 def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
     torch.set_num_threads(1)
     result: dict = {}
     try:
+        if scenario == "cuda":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            "nccl" if scenario == "cuda" else "gloo",
             init_method=f"file://{store_path}",
             rank=rank,
             world_size=WORLD,
@@ -222,6 +250,8 @@ def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
             result["resume"] = _scenario_resume(rank, tmp)
             result["local_sgd"] = _scenario_local_sgd(rank)
             result["interrupt"] = _scenario_interrupt(rank)
+        elif scenario == "cuda":
+            result["cuda"] = _scenario_cuda(rank)
         elif scenario == "raise":
             model = DDP(_model())
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -351,6 +381,13 @@ def test_ddp_options_the_native_step_cannot_reproduce_are_refused_by_name(tmp_pa
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_native_ddp_on_cuda_with_nccl():  # pragma: no cover - no GPUs in CI
-    pytest.skip("NCCL parity runs on a 2-GPU machine: bench/ddp.py --device cuda")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+    reason="needs 2 GPUs and NCCL",
+)
+def test_native_ddp_on_cuda_with_nccl_equals_ddp_eager(tmp_path):  # pragma: no cover - no GPUs in CI
+    results = _spawn(tmp_path, "cuda", timeout=120.0)
+    for rank, result in enumerate(results):
+        assert "raised" not in result, f"rank {rank}:\n{result['raised']}"
+        assert result["cuda"]["engines"] == ["native"] * EPOCHS
+        _assert_close(result["cuda"]["hotloop"], result["cuda"]["eager"], atol=1e-5)

@@ -13,7 +13,8 @@ DDP wrapper itself (eager DDP on the same shards).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed
 from torch import nn
+
+from ._shared import SlowPathWarning
 
 _c10d = torch.ops._c10d_functional
 
@@ -130,6 +133,18 @@ def native_refusal(setup: Distributed) -> str | None:
     return None
 
 
+@contextmanager
+def rank_zero_warns(setup: Distributed | None) -> Iterator[None]:
+    """Inside the block, hotloop's fallback warnings are shown on rank 0 only (every rank takes the same
+    decision; one copy of the reason is enough)."""
+    if setup is None or setup.rank == 0:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        yield
+
+
 def check_agreement(setup: Distributed, **values: Any) -> None:
     """Every rank must train with the same number of samples and options, or the ranks would not take the
     same number of steps and one would wait for the others forever: one collective at the start."""
@@ -172,6 +187,8 @@ def synced(
     divides before summing) together with loss and metrics (their mean over the ranks)."""
     world, name = setup.world, setup.group_name
     broadcast = setup.broadcast_buffers
+    if world == 1:
+        return joint  # a group of one: DDP's division by 1 and its collectives change nothing
 
     def step(params: list[torch.Tensor], state: list[torch.Tensor], *batch: torch.Tensor):
         if broadcast and buffer_positions:

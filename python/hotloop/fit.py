@@ -204,7 +204,8 @@ class _Session:
         self.batching = {"batch_size": plan.batch_size, "shuffle": plan.shuffle, "drop_last": plan.drop_last}
         self.step = plan.step_offset
         self.updates_before = 0
-        self.choice = choose_engine(plan)
+        with distributed.rank_zero_warns(plan.data_parallel):
+            self.choice = choose_engine(plan)
         self.dataset = _C.Dataset(
             list(plan.train_data),
             plan.batch_size,
