@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hotloop._native import _C
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -369,12 +370,45 @@ def test_a_rank_that_raises_ends_the_others_with_the_reason(tmp_path):
     assert results[0]["seconds"] < 30
 
 
-def test_ddp_options_the_native_step_cannot_reproduce_are_refused_by_name(tmp_path):
+def _hook_on_wrapper() -> DDP:
+    model = DDP(_model())
+    model.register_forward_hook(lambda module, args, out: None)
+    return model
+
+
+def _comm_hook() -> DDP:
+    model = DDP(_model())
+    model.register_comm_hook(None, default_hooks.allreduce_hook)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: DDP(_model(), find_unused_parameters=True), "find_unused_parameters=True"),
+        (lambda: DDP(_model(), static_graph=True), "static_graph=True"),
+        (_comm_hook, "comm hook"),
+        (_hook_on_wrapper, "wrapper itself has module hooks"),
+    ],
+)
+def test_ddp_options_the_native_step_cannot_reproduce_are_refused_by_name(tmp_path, make, reason):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = DDP(_model(), find_unused_parameters=True)
+        model = make()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        with pytest.warns(hotloop.SlowPathWarning, match="find_unused_parameters=True"):
+        with pytest.warns(hotloop.SlowPathWarning, match=reason):
+            event = next(hotloop.fit(_data(), model, opt, F.mse_loss, batch_size=BATCH, drop_last=True))
+        assert event["engine"] == "python"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_no_sync_is_refused_by_name(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DDP(_model())
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with model.no_sync(), pytest.warns(hotloop.SlowPathWarning, match="no_sync"):
             event = next(hotloop.fit(_data(), model, opt, F.mse_loss, batch_size=BATCH, drop_last=True))
         assert event["engine"] == "python"
     finally:

@@ -126,6 +126,12 @@ def native_refusal(setup: Distributed) -> str | None:
                 f"the DistributedDataParallel model uses {what}, which the native engine's in-graph "
                 "all-reduce does not reproduce"
             )
+    for attribute in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
+        if getattr(ddp, attribute, None):
+            return (
+                f"the DistributedDataParallel wrapper itself has module hooks ({attribute}), which the "
+                "native engine (it captures the wrapped module) would not run"
+            )
     if getattr(ddp, "buffer_hook", None) is not None:
         return (
             "the DistributedDataParallel model has a buffer comm hook, which the native engine does not run"
@@ -236,10 +242,11 @@ def mean_over_ranks(setup: Distributed, values: Sequence[torch.Tensor]) -> list[
 
 def collective_failure(setup: Distributed, exc: BaseException) -> RuntimeError:
     """The error a rank raises when a collective of its step failed: another rank stopped or failed."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
     return RuntimeError(
-        f"rank {setup.rank}: a collective of the data-parallel step failed, so another rank stopped, "
-        f"failed or left (its own error says why); this rank stops too ({type(exc).__name__}: "
-        f"{(str(exc).strip().splitlines() or [''])[0]})"
+        f"rank {setup.rank}: the data-parallel step failed ({type(exc).__name__}: {first_line}); when a "
+        "collective fails, another rank stopped, failed or left (its own error says why), and every rank "
+        "stops"
     )
 
 
