@@ -134,7 +134,9 @@ def _scenario_resume(rank: int, tmp: str) -> dict:
     # a new model and optimizer, as after a restart, resumed from the saved state
     resumed = DDP(_model())
     opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
-    state = torch.load(os.path.join(tmp, f"state{rank}.pt"), weights_only=False)
+    # rank 0's state on every rank, as DDP users save it: the shard's position follows from seed, epoch, rank
+    dist.barrier()
+    state = torch.load(os.path.join(tmp, "state0.pt"), weights_only=False)
     stream = hotloop.fit(data, resumed, opt2, F.mse_loss, batch_size=BATCH, seed=SEED, every=3, resume=state)
     after = [next(stream)["updates"] for _ in range(4)]
     stream.close()

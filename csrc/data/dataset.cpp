@@ -138,7 +138,10 @@ void Dataset::restore(const at::Tensor& order, int64_t batch_index, int64_t epoc
   TORCH_CHECK(batch_index >= 0 && batch_index < batches_per_epoch(), "batch_index must be in [0, ",
               batches_per_epoch(), "), got ", batch_index);
   TORCH_CHECK(epochs_completed >= 0, "epochs_completed must be >= 0, got ", epochs_completed);
-  if (indexed() && batch_index > 0) {
+  if (sharded_ && batch_index > 0) {
+    epochs_completed_ = epochs_completed;
+    order_ = shard_order();  // a function of seed, epoch and rank: the same on any restart
+  } else if (indexed() && batch_index > 0) {
     TORCH_CHECK(order.defined() && order.dim() == 1 && order.size(0) == length(),
                 "order must be an epoch order of ", length(), " samples");
     order_ = order.to(device(), at::kLong);

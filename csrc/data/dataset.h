@@ -33,7 +33,8 @@ class Dataset {
   int64_t batch_index() const { return batch_index_; }
   // The current epoch's sample order (undefined before the first batch of an epoch).
   at::Tensor epoch_order() const { return order_; }
-  // Restores a position saved from epoch_order()/batch_index() (for resume).
+  // Restores a position saved from epoch_order()/batch_index() (for resume); a sharded dataset draws its
+  // order again and ignores `order`.
   void restore(const at::Tensor& order, int64_t batch_index, int64_t epochs_completed);
   // Shards the data as torch.utils.data.DistributedSampler(shuffle, seed, drop_last=drop_tail) at
   // set_epoch(epochs_completed) does: the epoch's order is randperm(n) from a CPU generator seeded

@@ -219,6 +219,9 @@ class _Session:
         if local_sgd and self.choice.name != "native":
             raise ValueError(f"sync_every needs the native engine, and fit() chose {self.choice.name}")
         if data_parallel is not None:
+            # the shard's order follows from seed, epoch and rank: a saved state resumes on any rank of a
+            # world of the same size
+            self.batching["world"] = data_parallel.world
             self.dataset.set_shard(
                 data_parallel.world, data_parallel.rank, data_parallel.seed, plan.drop_last
             )
@@ -319,7 +322,9 @@ class _Session:
             "updates": self.updates_before + self.loop.total_steps,
             "epochs_completed": self.dataset.epochs_completed,
             "batch_index": self.dataset.batch_index,
-            "epoch_order": order.cpu() if order is not None and self.dataset.batch_index > 0 else None,
+            "epoch_order": order.cpu()
+            if order is not None and self.dataset.batch_index > 0 and self.plan.data_parallel is None
+            else None,
             "batching": dict(self.batching),
             "num_samples": self.dataset.num_samples,
             "generator": self.generator.get_state() if self.generator is not None else None,
@@ -335,9 +340,9 @@ class _Session:
                 f"{self.dataset.num_samples}"
             )
         for key, value in self.batching.items():
-            if state["batching"][key] != value:
+            if state["batching"].get(key) != value:
                 raise ValueError(
-                    f"resume state was saved with {key}={state['batching'][key]!r}, this fit() call has "
+                    f"resume state was saved with {key}={state['batching'].get(key)!r}, this fit() call has "
                     f"{key}={value!r}: the data position would not match"
                 )
         if (state["generator"] is None) != (self.generator is None):
