@@ -145,14 +145,28 @@ def _scenario_resume(rank: int, tmp: str) -> dict:
     return {"resumed": _weights(resumed.module), "straight": _weights(straight.module), "updates": after}
 
 
-def _scenario_nonfinite(rank: int) -> dict:
+def _scenario_python_engine(rank: int) -> dict:
+    data = _data()
+    model, _, stream, events = _hotloop_ddp(data, 2, False, engine="python")
+    stream.close()
+    reference, _ = _eager_ddp(data, 2, False)
+    return {
+        "hotloop": _weights(model.module),
+        "eager": _weights(reference),
+        "engines": [e["engine"] for e in events],
+        "losses": [e["train_loss"] for e in events],
+        "nonfinite": _scenario_nonfinite(rank, engine="python"),
+    }
+
+
+def _scenario_nonfinite(rank: int, **options) -> dict:
     x, y = _data()
     x = x.clone()
     x[N // 2] = float("nan")  # on one rank's shard only, in some epoch
     model, opt, stream, events = None, None, None, []
     model = DDP(_model())
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    stream = hotloop.fit((x, y), model, opt, F.mse_loss, batch_size=BATCH, seed=SEED)
+    stream = hotloop.fit((x, y), model, opt, F.mse_loss, batch_size=BATCH, seed=SEED, **options)
     try:
         for _ in range(3):
             events.append(next(stream))
@@ -253,6 +267,7 @@ def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
             result["resume"] = _scenario_resume(rank, tmp)
             result["local_sgd"] = _scenario_local_sgd(rank)
             result["interrupt"] = _scenario_interrupt(rank)
+            result["python"] = _scenario_python_engine(rank)
         elif scenario == "cuda":
             result["cuda"] = _scenario_cuda(rank)
         elif scenario == "raise":
@@ -342,6 +357,16 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(trained
     _assert_close(
         _params(trained[0]["nonfinite"]["weights"]), _params(trained[1]["nonfinite"]["weights"]), atol=0
     )
+
+
+def test_the_python_engine_runs_ddp_eagerly_on_the_same_shards_with_collective_decisions(trained):
+    for result in trained:
+        run = result["python"]
+        assert run["engines"] == ["python", "python"]
+        _assert_close(run["hotloop"], run["eager"], atol=1e-6)
+    assert trained[0]["python"]["losses"] == trained[1]["python"]["losses"]
+    errors = [r["python"]["nonfinite"]["error"] for r in trained]
+    assert errors[0] is not None and errors[0] == errors[1]
 
 
 def test_resume_across_a_restart_equals_an_uninterrupted_run(trained):
