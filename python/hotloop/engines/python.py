@@ -70,7 +70,7 @@ def python_step(plan: Plan) -> Any:
 
     data_parallel = plan.data_parallel
 
-    def skipped(loss: torch.Tensor) -> torch.Tensor | None:
+    def skip_loss(loss: torch.Tensor) -> torch.Tensor | None:
         """The loss to return without stepping, or None to step. Under a process group the decision is the
         ranks' (one all-reduce): a rank that skipped backward alone would leave the others waiting in DDP's
         all-reduce."""
@@ -86,7 +86,7 @@ def python_step(plan: Plan) -> Any:
 
     def step(*batch: torch.Tensor) -> Any:
         pred, labels, loss = forward(batch)
-        bad = skipped(loss)
+        bad = skip_loss(loss)
         if bad is not None:
             return bad
         # Metrics first: one that fails must fail before the update, not after it.
@@ -111,7 +111,7 @@ def python_step(plan: Plan) -> Any:
             optimizer.zero_grad()
             pred, labels, loss = forward(batch)
             if not first:
-                bad = skipped(loss)
+                bad = skip_loss(loss)
                 if bad is not None:
                     raise _NonFiniteLoss(bad)
                 first.append(metric_values(pred, labels, loss) if metrics else ())
