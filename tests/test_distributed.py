@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import hotloop
@@ -452,3 +453,19 @@ def test_native_ddp_on_cuda_with_nccl_equals_ddp_eager(tmp_path):  # pragma: no 
         assert "raised" not in result, f"rank {rank}:\n{result['raised']}"
         assert result["cuda"]["engines"] == ["native"] * EPOCHS
         _assert_close(result["cuda"]["hotloop"], result["cuda"]["eager"], atol=1e-5)
+
+
+def test_a_plain_model_in_a_process_group_trains_alone_and_says_so_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(hotloop.distributed, "_told_alone", False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with pytest.warns(UserWarning, match="not wrapped in DistributedDataParallel"):
+            event = next(hotloop.fit(_data(), model, opt, F.mse_loss, batch_size=BATCH, drop_last=True))
+        assert event["engine"] == "native" and event["updates"] == N // BATCH  # all the data, unsharded
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            next(hotloop.fit(_data(), model, opt, F.mse_loss, batch_size=BATCH, drop_last=True))
+    finally:
+        dist.destroy_process_group()
