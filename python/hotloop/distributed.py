@@ -12,6 +12,7 @@ DDP wrapper itself (eager DDP on the same shards).
 
 from __future__ import annotations
 
+import collections
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,16 +21,25 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.distributed
+import torch.distributed as dist
 from torch import nn
 
 from ._shared import SlowPathWarning
 
 _c10d = torch.ops._c10d_functional
+# The last tensors given to eager collectives. Gloo's worker thread drops its reference after the caller
+# has woken up; were that the last one, freeing the tensor's Python object would need the GIL in that
+# thread, and a destroy_process_group() right after (holding the GIL, joining the thread) would deadlock.
+_recent: collections.deque[torch.Tensor] = collections.deque(maxlen=8)
 
 
-def _dist() -> Any:
-    return torch.distributed
+def _all_reduce(tensor: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
+    _recent.append(tensor)
+    if op is None:
+        dist.all_reduce(tensor, group=group)
+    else:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
 
 
 def is_ddp(model: Any) -> bool:
@@ -40,7 +50,6 @@ def is_ddp(model: Any) -> bool:
 
 
 def initialized() -> bool:
-    dist = _dist()
     return dist.is_available() and dist.is_initialized()
 
 
@@ -86,7 +95,7 @@ def setup(model: nn.Module, *, seed: int, sync_every: int | None = None) -> Dist
     if not is_ddp(model):
         if initialized() and not _told_alone:
             _told_alone = True
-            if _dist().get_rank() == 0:
+            if dist.get_rank() == 0:
                 warnings.warn(
                     "a process group is initialised but the model is not wrapped in DistributedDataParallel: "
                     "every rank trains its own model on all the data (wrap it in DDP to train data-parallel)",
@@ -154,7 +163,8 @@ def rank_zero_warns(setup: Distributed | None) -> Iterator[None]:
 def check_agreement(setup: Distributed, **values: Any) -> None:
     """Every rank must train with the same number of samples and options, or the ranks would not take the
     same number of steps and one would wait for the others forever: one collective at the start."""
-    dist = _dist()
+    if setup.world == 1:
+        return
     gathered: list[Any] = [None] * setup.world
     dist.all_gather_object(gathered, values, group=setup.group)
     for rank, theirs in enumerate(gathered):
@@ -184,7 +194,6 @@ def example_batches(
 def synced(
     setup: Distributed,
     joint: Callable[..., tuple[torch.Tensor, ...]],
-    num_params: int,
     buffer_positions: Sequence[int],
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``joint`` (``(params, state, *batch) -> (*grads, loss, *metrics)``) with DDP's collectives traced in:
@@ -213,7 +222,6 @@ def synced(
             result.update(zip(group, _split(flat, tensors), strict=True))
         return tuple(result[i] for i in range(len(reduced)))
 
-    del num_params  # every output is reduced: gradients, loss and metrics alike
     return step
 
 
@@ -231,12 +239,9 @@ def _split(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tenso
 
 def mean_over_ranks(setup: Distributed, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The ranks' mean of each value (eagerly, for the capture check's reference)."""
-    dist = _dist()
     out = []
     for value in values:
-        value = value.detach() / setup.world
-        dist.all_reduce(value, group=setup.group)
-        out.append(value)
+        out.append(_all_reduce(value.detach() / setup.world, setup.group))
     return out
 
 
@@ -253,10 +258,12 @@ def collective_failure(setup: Distributed, exc: BaseException) -> RuntimeError:
 def reduce_window(setup: Distributed, stats: Any) -> Any:
     """A window's sums over all ranks (engines whose step does not reduce its loss), so every rank reports
     the same event; the first non-finite step of any rank."""
+    if setup.world == 1:
+        return stats
     values = torch.tensor([stats.loss_sum, float(stats.samples), *stats.metric_sums], dtype=torch.float64)
-    _dist().all_reduce(values, group=setup.group)
+    _all_reduce(values, setup.group)
     bad = torch.tensor([stats.nonfinite_step if stats.nonfinite_step >= 0 else 2**62], dtype=torch.int64)
-    _dist().all_reduce(bad, op=_dist().ReduceOp.MIN, group=setup.group)
+    _all_reduce(bad, setup.group, dist.ReduceOp.MIN)
     return SimpleNamespace(
         loss_sum=values[0].item(),
         samples=int(values[1].item()),
@@ -296,7 +303,7 @@ def local_sgd_window(
                 [p.detach().reshape(-1) / setup.world for p in params]
                 + [torch.tensor([1.0 if bad >= 0 else 0.0], dtype=params[0].dtype, device=params[0].device)]
             )
-            _dist().all_reduce(flat, group=setup.group)
+            _all_reduce(flat, setup.group)
             stop = bool(flat[-1].item() > 0)
             if not stop and (updates_before + loop.total_steps) % period == 0:
                 for p, value in zip(params, _split(flat[:-1], params), strict=True):
@@ -312,6 +319,7 @@ def local_sgd_window(
 
 def any_rank(setup: Distributed, flag: bool) -> bool:
     """Whether ``flag`` is set on any rank (one collective)."""
-    value = torch.tensor([1.0 if flag else 0.0])
-    _dist().all_reduce(value, group=setup.group)
+    if setup.world == 1:
+        return flag
+    value = _all_reduce(torch.tensor([1.0 if flag else 0.0]), setup.group)
     return bool(value.item() > 0)

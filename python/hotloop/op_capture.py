@@ -142,7 +142,7 @@ def trace_step(
     if data_parallel is not None:
         buffers = {name for name, _ in model.named_buffers()}
         positions = [i for i, name in enumerate(state_names) if name in buffers]
-        joint = distributed.synced(data_parallel, joint, len(train), positions)
+        joint = distributed.synced(data_parallel, joint, positions)
     was_training = model.training
     model.train()
     try:
