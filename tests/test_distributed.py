@@ -19,7 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hotloop import distributed, op_capture
 from hotloop._native import _C
+from hotloop._shared import CaptureError
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn import functional as F
@@ -249,6 +251,23 @@ def _scenario_cuda(rank: int) -> dict:
     }
 
 
+def _scenario_missing_sync_is_caught(rank: int) -> dict:
+    """A graph without the all-reduce must fail the capture check: the check's batch differs per rank."""
+
+    model = DDP(_model())
+    setup = distributed.setup(model, seed=SEED)
+    batches = distributed.example_batches(setup, _data(), BATCH, False)
+    unsynced = distributed.synced
+    distributed.synced = lambda setup, joint, positions: joint
+    try:
+        op_capture.capture_step(model.module, F.mse_loss, batches, last_label=True, data_parallel=setup)
+        return {"caught": None}
+    except CaptureError as exc:
+        return {"caught": str(exc)}
+    finally:
+        distributed.synced = unsynced
+
+
 def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
     torch.set_num_threads(1)
     result: dict = {}
@@ -269,6 +288,7 @@ def _worker(rank: int, store_path: str, tmp: str, scenario: str) -> None:
             result["local_sgd"] = _scenario_local_sgd(rank)
             result["interrupt"] = _scenario_interrupt(rank)
             result["python"] = _scenario_python_engine(rank)
+            result["missing_sync"] = _scenario_missing_sync_is_caught(rank)
         elif scenario == "cuda":
             result["cuda"] = _scenario_cuda(rank)
         elif scenario == "raise":
@@ -370,6 +390,12 @@ def test_the_python_engine_runs_ddp_eagerly_on_the_same_shards_with_collective_d
     assert errors[0] is not None and errors[0] == errors[1]
 
 
+def test_the_capture_check_catches_a_graph_without_the_all_reduce(trained):
+    for result in trained:
+        caught = result["missing_sync"]["caught"]
+        assert caught is not None and "differs between the captured graph and an eager step" in caught
+
+
 def test_resume_across_a_restart_equals_an_uninterrupted_run(trained):
     for result in trained:
         assert result["resume"]["updates"] == [6, 9, 12, 15]
@@ -456,7 +482,7 @@ def test_native_ddp_on_cuda_with_nccl_equals_ddp_eager(tmp_path):  # pragma: no 
 
 
 def test_a_plain_model_in_a_process_group_trains_alone_and_says_so_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(hotloop.distributed, "_told_alone", False)
+    monkeypatch.setattr(distributed, "_told_alone", False)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = _model()
