@@ -51,7 +51,9 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("epoch_order", &Dataset::epoch_order)
       .def("next_batch", &Dataset::next_batch)
       .def("next_indices", &Dataset::next_indices)
-      .def("restore", &Dataset::restore, py::arg("order"), py::arg("batch_index"), py::arg("epochs_completed"));
+      .def("restore", &Dataset::restore, py::arg("order"), py::arg("batch_index"), py::arg("epochs_completed"))
+      .def("set_shard", &Dataset::set_shard, py::arg("world"), py::arg("rank"), py::arg("seed"), py::arg("drop_tail"))
+      .def_property_readonly("shard_samples", &Dataset::shard_samples);
 
   py::class_<HostStep, std::shared_ptr<HostStep>>(m, "HostStep");
   py::class_<DeviceStep, std::shared_ptr<DeviceStep>>(m, "DeviceStep");

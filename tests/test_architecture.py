@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
         "speed_rules",
     },  # leaves
     {"_native", "fidelity"},
-    {"_checks", "_optim_specs"},
+    {"_checks", "_optim_specs", "distributed"},
     {"optim", "op_capture", "plan", "many_optim"},
     {"engines.base", "native_eval", "many_capture"},
     {"engines.python", "engines.native", "engines.cuda_graph"},

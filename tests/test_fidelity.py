@@ -497,7 +497,7 @@ def test_validation_loss_that_reads_the_model_follows_its_weights():
         assert got == pytest.approx(expected, rel=1e-5)
 
 
-def test_ddp_model_is_refused_by_the_native_engine(tmp_path):
+def test_ddp_model_trains_natively_with_its_collectives_in_the_graph(tmp_path):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
@@ -513,18 +513,11 @@ def test_ddp_model_is_refused_by_the_native_engine(tmp_path):
             data, reference, reference_opt, F.mse_loss, batch_size=16, steps=3, generator=generator
         )
         generator.manual_seed(3)
-        with pytest.warns(
-            hotloop.SlowPathWarning, match="DistributedDataParallel, whose gradient all-reduce"
-        ):
-            stream = hotloop.fit(
-                data,
-                model,
-                torch.optim.SGD(model.parameters(), lr=0.05),
-                F.mse_loss,
-                batch_size=16,
-                generator=generator,
-            )
-            assert next(stream)["engine"] == "python"
+        # one rank: DistributedSampler's epoch 0 is randperm from a generator seeded `seed`
+        stream = hotloop.fit(
+            data, model, torch.optim.SGD(model.parameters(), lr=0.05), F.mse_loss, batch_size=16, seed=3
+        )
+        assert next(stream)["engine"] == "native"
         stream.close()
         assert_same_weights(model, reference)
     finally:

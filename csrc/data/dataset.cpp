@@ -1,6 +1,7 @@
 // Dataset: permutation per epoch exactly as torch.randperm(n, generator=g), batches by index_select.
 #include "data/dataset.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 
 namespace hotloop {
@@ -36,16 +37,48 @@ Dataset::Dataset(std::vector<at::Tensor> tensors, int64_t batch_size, bool shuff
 }
 
 int64_t Dataset::epoch_length() const {
-  return drop_last_ ? (num_samples_ / batch_size_) * batch_size_ : num_samples_;
+  return drop_last_ ? (length() / batch_size_) * batch_size_ : length();
 }
 
 int64_t Dataset::batches_per_epoch() const {
-  return drop_last_ ? num_samples_ / batch_size_ : (num_samples_ + batch_size_ - 1) / batch_size_;
+  return drop_last_ ? length() / batch_size_ : (length() + batch_size_ - 1) / batch_size_;
+}
+
+void Dataset::set_shard(int64_t world, int64_t rank, int64_t seed, bool drop_tail) {
+  TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " is not in a world of ", world);
+  TORCH_CHECK(!started_, "set_shard must come before the first batch");
+  // DistributedSampler's num_samples: ceil((n - world) / world) when dropping an uneven tail, else
+  // ceil(n / world).
+  const int64_t per_rank = drop_tail ? num_samples_ / world : (num_samples_ + world - 1) / world;
+  TORCH_CHECK(per_rank >= 1, "train_data has ", num_samples_, " samples, fewer than the ", world, " ranks");
+  TORCH_CHECK(!drop_last_ || per_rank >= batch_size_, "drop_last=True with batch_size=", batch_size_,
+              " larger than the ", per_rank, " samples of each rank would leave no batch");
+  sharded_ = true;
+  world_ = world;
+  rank_ = rank;
+  seed_ = seed;
+  shard_samples_ = per_rank;
+  for (auto& t : tensors_) t = t.contiguous();
+}
+
+at::Tensor Dataset::shard_order() const {
+  const auto cpu_long = at::TensorOptions().dtype(at::kLong);
+  at::Tensor order;
+  if (shuffle_) {
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(seed_ + epochs_completed_);
+    order = at::randperm(num_samples_, generator, cpu_long);
+  } else {
+    order = at::arange(num_samples_, cpu_long);
+  }
+  const int64_t total = shard_samples_ * world_;
+  if (total > num_samples_) order = order.repeat({(total + num_samples_ - 1) / num_samples_});
+  order = order.narrow(0, 0, total).slice(0, rank_, total, world_).contiguous();
+  return order.to(device());
 }
 
 at::Tensor Dataset::gather(size_t which, const at::Tensor& index, int64_t start, int64_t count) {
   const auto& source = tensors_[which];
-  if (!shuffle_) return source.narrow(0, start, count);
+  if (!indexed()) return source.narrow(0, start, count);
   if (!reuse_buffers_) return at::index_select(source, 0, index);
   auto& buffers = count == batch_size_ ? full_buffers_ : tail_buffers_;
   if (buffers.size() != tensors_.size()) buffers.resize(tensors_.size());
@@ -60,7 +93,9 @@ at::Tensor Dataset::gather(size_t which, const at::Tensor& index, int64_t start,
 }
 
 int64_t Dataset::begin_batch() {
-  if (position_ == 0 && shuffle_) {
+  if (position_ == 0 && sharded_) {
+    order_ = shard_order();
+  } else if (position_ == 0 && shuffle_) {
     auto options = at::TensorOptions().dtype(at::kLong).device(device());
     order_ = at::randperm(num_samples_, generator_, options);
   }
@@ -81,7 +116,7 @@ void Dataset::end_batch(int64_t count) {
 std::vector<at::Tensor> Dataset::next_batch() {
   const int64_t count = begin_batch();
   at::Tensor index;
-  if (shuffle_) index = order_.narrow(0, position_, count);
+  if (indexed()) index = order_.narrow(0, position_, count);
   std::vector<at::Tensor> batch;
   batch.reserve(tensors_.size());
   for (size_t i = 0; i < tensors_.size(); ++i) batch.push_back(gather(i, index, position_, count));
@@ -94,7 +129,7 @@ at::Tensor Dataset::next_indices() {
   if (!shuffle_ && !sequence_.defined()) {
     sequence_ = at::arange(num_samples_, at::TensorOptions().dtype(at::kLong).device(device()));
   }
-  at::Tensor index = (shuffle_ ? order_ : sequence_).narrow(0, position_, count);
+  at::Tensor index = (indexed() ? order_ : sequence_).narrow(0, position_, count);
   end_batch(count);
   return index;
 }
@@ -103,9 +138,12 @@ void Dataset::restore(const at::Tensor& order, int64_t batch_index, int64_t epoc
   TORCH_CHECK(batch_index >= 0 && batch_index < batches_per_epoch(), "batch_index must be in [0, ",
               batches_per_epoch(), "), got ", batch_index);
   TORCH_CHECK(epochs_completed >= 0, "epochs_completed must be >= 0, got ", epochs_completed);
-  if (shuffle_ && batch_index > 0) {
-    TORCH_CHECK(order.defined() && order.dim() == 1 && order.size(0) == num_samples_,
-                "order must be a permutation of ", num_samples_, " samples");
+  if (sharded_ && batch_index > 0) {
+    epochs_completed_ = epochs_completed;
+    order_ = shard_order();  // a function of seed, epoch and rank: the same on any restart
+  } else if (indexed() && batch_index > 0) {
+    TORCH_CHECK(order.defined() && order.dim() == 1 && order.size(0) == length(),
+                "order must be an epoch order of ", length(), " samples");
     order_ = order.to(device(), at::kLong);
   }
   batch_index_ = batch_index;

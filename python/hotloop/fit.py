@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from ._native import _C
 from ._shared import enter_window, leave_window
 from .clipping import nonfinite_norm_message
@@ -96,6 +97,8 @@ def fit(
     clip_grad_norm: float | tuple[Any, ...] | Mapping[str, Any] | None = None,
     clip_grad_value: float | None = None,
     accumulate: int = 1,
+    seed: int = 0,
+    sync_every: int | None = None,
 ) -> FitStream:
     """Train ``model`` on in-memory tensors, yielding an :class:`Event` per epoch (or every ``every`` steps).
 
@@ -167,6 +170,9 @@ def fit(
             ``every``, ``updates``, per-step schedulers and the resume state count optimizer steps;
             ``train_loss`` and metrics are sample-weighted means over the micro-batches. A step in which
             any micro-batch's loss is not finite is not applied (as a whole).
+        seed: Only for a ``DistributedDataParallel`` model under ``torchrun``: each rank trains on the
+            batches ``DistributedSampler(shuffle=shuffle, seed=seed, drop_last=drop_last)`` gives it (epoch
+            e shuffled by a generator seeded ``seed + e``, not ``generator``), batched with ``drop_last``.
 
     Events also carry ``epoch`` (epochs completed), ``updates`` (optimizer steps so far),
     ``samples_per_sec`` and ``engine``. Nothing runs, and bad arguments are not reported, until the
@@ -204,6 +210,8 @@ def fit(
         clip_grad_norm=clip_grad_norm,
         clip_grad_value=clip_grad_value,
         accumulate=accumulate,
+        seed=seed,
+        sync_every=sync_every,
     )
     return FitStream(lambda: _Session(make_plan(train_data, model, optimizer, loss_fn, **options)))
 
@@ -248,7 +256,8 @@ class _Session:
         }
         self.step = plan.step_offset
         self.updates_before = 0
-        self.choice = choose_engine(plan)
+        with distributed.rank_zero_warns(plan.data_parallel):
+            self.choice = choose_engine(plan)
         self.dataset = _C.Dataset(
             list(plan.train_data),
             plan.step_samples,
@@ -257,6 +266,17 @@ class _Session:
             plan.generator,
             self.choice.reuse_buffers,
         )
+        data_parallel = plan.data_parallel
+        local_sgd = data_parallel is not None and data_parallel.sync_every is not None
+        if local_sgd and self.choice.name != "native":
+            raise ValueError(f"sync_every needs the native engine, and fit() chose {self.choice.name}")
+        if data_parallel is not None:
+            # the shard's order follows from seed, epoch and rank: a saved state resumes on any rank of a
+            # world of the same size
+            self.batching["world"] = data_parallel.world
+            self.dataset.set_shard(
+                data_parallel.world, data_parallel.rank, data_parallel.seed, plan.drop_last
+            )
         self.loop = _C.Loop(self.dataset, self.choice.step)
         self.loop.set_guard_nonfinite(plan.guard_nonfinite)
         if plan.resume is not None:
@@ -306,15 +326,41 @@ class _Session:
         if self.choice.begin_window is not None:
             self.choice.begin_window(planned)
         entry = enter_window(self.loop, planned)
+        data_parallel = self.plan.data_parallel
+        # Under a process group a Ctrl-C is agreed on at the window's end, so every rank stops at the same
+        # step and none waits in a collective for a rank that left.
+        deferred: list[bool] | None = None if data_parallel is None else []
         try:
-            with _interrupt_at_step_boundary(self.loop):
-                if every is None:
-                    return self.loop.run(self.dataset.batches_per_epoch, True)
-                return self.loop.run(every, False)
+            with _interrupt_at_step_boundary(self.loop, deferred):
+                if data_parallel is None:
+                    stats = self._run_steps(every)
+                else:
+                    stats = self._run_steps_data_parallel(data_parallel, every)
+            if data_parallel is not None and distributed.any_rank(data_parallel, bool(deferred)):
+                raise KeyboardInterrupt("interrupted on some rank; every rank stops after this window")
+            return stats
         finally:
             leave_window(entry)
             if self.choice.end_window is not None:
                 self.choice.end_window()
+
+    def _run_steps(self, every: int | None) -> Any:
+        if every is None:
+            return self.loop.run(self.dataset.batches_per_epoch, True)
+        return self.loop.run(every, False)
+
+    def _run_steps_data_parallel(self, data_parallel: Any, every: int | None) -> Any:
+        try:
+            if data_parallel.sync_every is not None:
+                return distributed.local_sgd_window(
+                    data_parallel, self.loop, self.dataset, every, self.updates_before
+                )
+            stats = self._run_steps(every)
+        except RuntimeError as exc:
+            raise distributed.collective_failure(data_parallel, exc) from exc
+        if self.choice.name != "native":
+            stats = distributed.reduce_window(data_parallel, stats)  # the native step reduces its own
+        return stats
 
     def release(self) -> None:
         self.loop = self.dataset = self.choice = None  # type: ignore[assignment]
@@ -332,7 +378,9 @@ class _Session:
             "updates": self.updates_before + self.loop.total_steps,
             "epochs_completed": self.dataset.epochs_completed,
             "batch_index": self.dataset.batch_index,
-            "epoch_order": order.cpu() if order is not None and self.dataset.batch_index > 0 else None,
+            "epoch_order": order.cpu()
+            if order is not None and self.dataset.batch_index > 0 and self.plan.data_parallel is None
+            else None,
             "batching": dict(self.batching),
             "num_samples": self.dataset.num_samples,
             "generator": self.generator.get_state() if self.generator is not None else None,
@@ -390,12 +438,13 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def _interrupt_at_step_boundary(loop: Any) -> Iterator[None]:
+def _interrupt_at_step_boundary(loop: Any, deferred: list[bool] | None = None) -> Iterator[None]:
     """Turn Ctrl-C during a window into a KeyboardInterrupt raised between two steps, never inside one.
 
     Only Python's default SIGINT handler is replaced, and only from the main thread; a handler the user
     installed runs as usual. A Ctrl-C the loop did not see (it came after the window's last check) is
-    raised when the window returns.
+    raised when the window returns. With ``deferred`` (a list) a Ctrl-C lets the window finish and is
+    only recorded there, for the caller to act on.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -407,6 +456,9 @@ def _interrupt_at_step_boundary(loop: Any) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         nonlocal interrupted
+        if deferred is not None:
+            deferred.append(True)
+            return
         interrupted = True
         loop.request_interrupt()
 

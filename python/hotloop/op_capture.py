@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.func import grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from . import distributed
 from ._native import _C
 from ._shared import CaptureError, forward_and_loss, named_tensors
 from .clipping import GradClip
@@ -192,17 +193,23 @@ def trace_step(
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
     gradients: Gradients = Gradients(),
+    data_parallel: distributed.Distributed | None = None,
 ) -> fx.GraphModule:
     """The joint forward+backward graph of one training step on batches shaped like ``batch``.
 
     Placeholders are the trainable parameters, then frozen parameters and buffers, then the batch
     tensors; outputs are the gradient of each trainable parameter (accumulated and clipped as
-    ``gradients`` says), the loss, then each train metric.
+    ``gradients`` says), the loss, then each train metric. With ``data_parallel`` (``model`` is the DDP
+    wrapper's module) DDP's collectives are traced in.
     """
     train_names, train, state_names, state = _split_parameters(model)
     position = {id(t): i for i, t in enumerate(train)}
     indices = [position[id(p)] for p in gradients.clipped if id(p) in position]
     joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics, gradients, indices)
+    if data_parallel is not None:
+        buffers = {name for name, _ in model.named_buffers()}
+        positions = [i for i, name in enumerate(state_names) if name in buffers]
+        joint = distributed.synced(data_parallel, joint, positions)
     was_training = model.training
     model.train()
     try:
@@ -608,6 +615,7 @@ def capture_step(
     last_label: bool,
     metrics: Sequence[Callable[..., Any]] = (),
     gradients: Gradients = Gradients(),
+    data_parallel: distributed.Distributed | None = None,
 ) -> CapturedStep:
     """Capture and lower one graph per batch size in ``batches`` (real example batches), each checked
     against an eager autograd step of the user's own model on its example batch. Raises CaptureError with
@@ -617,7 +625,11 @@ def capture_step(
     The graphs return ``(*grads, loss, *metrics)``; each metric is called as ``metric(pred, labels)``
     (``metric(pred)`` without labels) on the step's predictions. ``gradients`` accumulates micro-batches
     and clips inside the graph, checked against the eager loop doing the same with torch's own clipping
-    functions."""
+    functions.
+
+    With ``data_parallel``, ``model`` is the DDP wrapper's module, the graphs carry DDP's collectives and
+    are checked against a step of the DDP wrapper itself on this rank's own batches (every rank captures
+    together)."""
     reason = refusal_reason(model, loss_fn)
     if reason is not None:
         raise CaptureError(reason)
@@ -634,7 +646,13 @@ def capture_step(
         snapshot = UserState(model, loss_fn)
         try:
             gm = trace_step(
-                model, loss_fn, batch, last_label=last_label, metrics=metrics, gradients=gradients
+                model,
+                loss_fn,
+                batch,
+                last_label=last_label,
+                metrics=metrics,
+                gradients=gradients,
+                data_parallel=data_parallel,
             )
         finally:
             snapshot.restore()
@@ -648,6 +666,7 @@ def capture_step(
             last_label=last_label,
             metrics=metrics,
             gradients=gradients,
+            data_parallel=data_parallel,
         )
         captured.graphs[size] = graph
     return captured
@@ -664,6 +683,7 @@ def verify(
     metrics: Sequence[Callable[..., Any]] = (),
     rtol: float = 1e-4,
     gradients: Gradients = Gradients(),
+    data_parallel: distributed.Distributed | None = None,
 ) -> None:
     """Run ``graph`` and an eager autograd step of the user's own model and loss (what their closures see)
     from the same parameters, buffers and RNG state, and raise CaptureError if loss, gradients or buffer
@@ -678,13 +698,16 @@ def verify(
             # each run gets its own copy of the batch: forward may write into its inputs
             reference = _eager_reference(
                 captured,
-                model,
+                model if data_parallel is None else data_parallel.wrapper,
                 loss_fn,
                 [t.clone() for t in batch],
                 last_label=last_label,
                 metrics=metrics,
                 gradients=gradients,
             )
+            if data_parallel is not None:  # the graph reports the ranks' mean loss and metrics
+                loss, *values = distributed.mean_over_ranks(data_parallel, [reference[0], *reference[3]])
+                reference = (loss, reference[1], reference[2], values)
             stateful = snapshot.changes()
         finally:
             snapshot.restore()

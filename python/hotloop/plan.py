@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _checks as check
+from . import distributed
 from .clipping import GradClip, check_clip
 
 ENGINE_NAMES = ("auto", "graph", "native", "python")
@@ -36,6 +37,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "clip_grad_norm": None,
     "clip_grad_value": None,
     "accumulate": 1,
+    "seed": 0,
+    "sync_every": None,
 }
 
 
@@ -70,6 +73,16 @@ class Plan:
         """Samples per optimizer step: what the Dataset gathers as one batch (engines split it into
         ``accumulate`` micro-batches of ``batch_size``)."""
         return self.batch_size * self.accumulate
+
+    # Data-parallel (a DistributedDataParallel model under torchrun): the shard's seed and the setup.
+    seed: int = 0
+    sync_every: int | None = None
+    data_parallel: distributed.Distributed | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The module whose tensors train: the model, or the one a DDP wrapper holds."""
+        return self.data_parallel.module if self.data_parallel is not None else self.model
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +147,13 @@ def make_plan(
             "no batch"
         )
     check.check_first_batch(model, loss_fn, tensors, batch_size=options["batch_size"], last_label=last_label)
+    data_parallel = distributed.setup(model, seed=options["seed"], sync_every=options["sync_every"])
+    if data_parallel is not None:
+        agreed = ("batch_size", "shuffle", "drop_last", "seed", "every", "engine", "on_nonfinite")
+        agreed += ("sync_every",)
+        distributed.check_agreement(
+            data_parallel, num_samples=tensors[0].shape[0], **{k: options[k] for k in agreed}
+        )
     return Plan(
         model=model,
         optimizer=optimizer,
@@ -142,6 +162,7 @@ def make_plan(
         metrics=resolved_metrics,
         extra=dict(extra or {}),
         grad_clip=grad_clip,
+        data_parallel=data_parallel,
         **options,
     )
 
@@ -153,6 +174,9 @@ def _check_options(options: Mapping[str, Any]) -> None:
     check.check_bool("drop_last", options["drop_last"])
     check.check_int("step_offset", options["step_offset"])
     check.check_int("accumulate", options["accumulate"], minimum=1)
+    check.check_int("seed", options["seed"])
+    if options["sync_every"] is not None:
+        check.check_int("sync_every", options["sync_every"], minimum=1)
     if options["every"] is not None:
         check.check_int("every", options["every"], minimum=1)
     check.check_choice("engine", options["engine"], ENGINE_NAMES)

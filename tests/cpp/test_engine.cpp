@@ -133,6 +133,29 @@ void dataset_batches_are_the_randperm_split() {
   EXPECT(same(ordered.next_batch()[0], ids.narrow(0, 0, 4)));
 }
 
+void dataset_shards_cover_the_padded_permutation() {
+  // DistributedSampler's layout: randperm(n) seeded seed + epoch, wrapped to a multiple of world,
+  // then [rank::world]
+  const int64_t n = 7, world = 3, seed = 5;
+  const auto ids = at::arange(n, at::kLong).unsqueeze(1);
+  for (int64_t rank = 0; rank < world; ++rank) {
+    Dataset data({ids}, 2, /*shuffle=*/true, /*drop_last=*/false, std::nullopt, false);
+    data.set_shard(world, rank, seed, /*drop_tail=*/false);
+    EXPECT(data.shard_samples() == 3 && data.batches_per_epoch() == 2);
+    for (int64_t epoch = 0; epoch < 2; ++epoch) {
+      auto generator = at::detail::createCPUGenerator(seed + epoch);
+      auto order = at::randperm(n, generator, at::TensorOptions().dtype(at::kLong));
+      order = at::cat({order, order.narrow(0, 0, 2)}).slice(0, rank, 9, world);
+      EXPECT(same(at::cat({data.next_indices(), data.next_indices()}), order));
+    }
+  }
+  Dataset cut({ids}, 2, /*shuffle=*/false, /*drop_last=*/true, std::nullopt, false);
+  cut.set_shard(world, 1, seed, /*drop_tail=*/true);
+  EXPECT(cut.shard_samples() == 2 && cut.batches_per_epoch() == 1);
+  EXPECT(same(cut.next_indices(), at::tensor({int64_t{1}, int64_t{4}})));
+  EXPECT_THROWS(cut.set_shard(world, 0, seed, true));  // after the first batch
+}
+
 std::shared_ptr<NativeOptimizer> sgd(const at::Tensor& param, bool fused, double lr, double momentum) {
   auto optimizer = std::make_shared<SGD>(fused);
   OptimizerGroup group;
@@ -298,6 +321,7 @@ int main() {
       {"op_graph_defaults_and_lists", op_graph_defaults_and_lists},
       {"op_graph_rejects_bad_ops", op_graph_rejects_bad_ops},
       {"dataset_batches_are_the_randperm_split", dataset_batches_are_the_randperm_split},
+      {"dataset_shards_cover_the_padded_permutation", dataset_shards_cover_the_padded_permutation},
       {"sgd_step_is_the_hand_computed_update", sgd_step_is_the_hand_computed_update},
       {"guard_on_the_device_equals_the_host_guard", guard_on_the_device_equals_the_host_guard},
       {"loop_stops_at_epoch_end_and_on_interrupt", loop_stops_at_epoch_end_and_on_interrupt},

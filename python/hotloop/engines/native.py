@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .. import op_capture, optim
+from .. import distributed, op_capture, optim
 from .._native import _C
 from .._shared import example_batches
 from ..clipping import stepped_params
@@ -21,7 +21,7 @@ class NativeEngine:
 
     def refuse(self, plan: Plan) -> str | None:
         if plan.engine == "auto" and plan.device.type == "cpu":
-            slower = slower_natively(plan.model)
+            slower = slower_natively(plan.module)
             if slower is not None:
                 return slower
         if plan.amp is not None:
@@ -33,6 +33,16 @@ class NativeEngine:
                 "(only SGD, Adam and AdamW can); pass on_nonfinite='continue' (and no error_if_nonfinite in "
                 "clip_grad_norm) to run it natively"
             )
+        if plan.data_parallel is not None:
+            if plan.grad_clip is not None or plan.accumulate > 1:
+                # DDP clips the all-reduced gradients and all-reduces every micro-batch's backward; the
+                # native data-parallel graph does neither (yet)
+                return (
+                    "data-parallel training with clip_grad_norm, clip_grad_value or accumulate is not native"
+                )
+            reason = distributed.native_refusal(plan.data_parallel)
+            if reason is not None:
+                return reason
         return optim.native_refusal(plan.optimizer)
 
     def build(self, plan: Plan) -> EngineRun:
@@ -61,7 +71,7 @@ class _NativeWindows:
         self.clipped_ids = [id(p) for p in self._clipped()]
         # Python state that forward reads (a temperature a stage anneals between events) is baked into the
         # graphs: when it changes, they are captured again.
-        self.watched = UserState(plan.model, plan.loss_fn, tensors=False)
+        self.watched = UserState(plan.module, plan.loss_fn, tensors=False)
         self.step = _C.NativeStep(
             self.captured.params,
             self.captured.state,
@@ -73,16 +83,24 @@ class _NativeWindows:
         self.settle: list[Callable[[int], None]] = []
 
     def _capture(self) -> op_capture.CapturedStep:
-        plan = self.plan
+        plan, data_parallel = self.plan, self.plan.data_parallel
+        if data_parallel is not None:
+            batches = distributed.example_batches(
+                data_parallel, plan.train_data, plan.batch_size, plan.drop_last
+            )
+        else:
+            batches = example_batches(plan.train_data, plan.step_samples, plan.drop_last, plan.shuffle)
+        local = data_parallel is not None and data_parallel.sync_every is not None  # local SGD: no sync
         return op_capture.capture_step(
-            plan.model,
+            plan.module,
             plan.loss_fn,
-            example_batches(plan.train_data, plan.step_samples, plan.drop_last, plan.shuffle),
+            batches,
             last_label=plan.last_label,
             metrics=plan.metric_fns,
             gradients=op_capture.Gradients(
                 plan.accumulate, plan.batch_size, plan.grad_clip, tuple(self._clipped())
             ),
+            data_parallel=None if local else data_parallel,
         )
 
     def _clipped(self) -> list[Any]:
@@ -95,7 +113,7 @@ class _NativeWindows:
 
     def begin_window(self, planned_steps: int) -> None:
         plan, captured = self.plan, self.captured
-        if captured.refresh(plan.model):
+        if captured.refresh(plan.module):
             self.step.bind(captured.params, captured.state)
         changed = self.watched.changes()
         if [id(p) for p in self._clipped()] != self.clipped_ids:
@@ -110,7 +128,7 @@ class _NativeWindows:
                     f"capturing it again failed: {exc}"
                 ) from exc
             self.step.set_graphs(list(fresh.graphs.items()))
-            self.watched = UserState(plan.model, plan.loss_fn, tensors=False)
+            self.watched = UserState(plan.module, plan.loss_fn, tensors=False)
         self.step.set_accumulate(self._not_stepped())  # param groups may have been added
         schedule: dict[str, Any] = {}
         if plan.step_scheduler is not None:

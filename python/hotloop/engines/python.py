@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from .._native import _C
 from .._shared import forward_and_loss
 from ..clipping import stepped_params
@@ -78,12 +79,29 @@ def python_step(plan: Plan) -> Any:
         with torch.no_grad():
             return tuple(_as_tensor(fn(pred, labels) if last_label else fn(pred), loss) for fn in metrics)
 
+    data_parallel = plan.data_parallel
+
+    def skip_loss(loss: torch.Tensor) -> torch.Tensor | None:
+        """The loss to return without stepping, or None to step. Under a process group the decision is the
+        ranks' (one all-reduce): a rank that skipped backward alone would leave the others waiting in DDP's
+        all-reduce."""
+        if not guard_nonfinite:
+            return None
+        if not math.isfinite(loss.item()):
+            if data_parallel is not None:
+                distributed.any_rank(data_parallel, True)
+            return loss.detach()
+        if data_parallel is not None and distributed.any_rank(data_parallel, False):
+            return torch.full_like(loss.detach(), float("nan"))  # another rank's loss is not finite
+        return None
+
     def step(*batch: torch.Tensor) -> Any:
         if accumulate > 1:
             return accumulated_step(batch)
         pred, labels, loss = forward(batch)
-        if guard_nonfinite and not math.isfinite(loss.item()):
-            return loss.detach()
+        bad = skip_loss(loss)
+        if bad is not None:
+            return bad
         # Metrics first: one that fails must fail before the update, not after it.
         values = metric_values(pred, labels, loss) if metrics else ()
         optimizer.zero_grad()
@@ -138,8 +156,9 @@ def python_step(plan: Plan) -> Any:
             optimizer.zero_grad()
             pred, labels, loss = forward(batch)
             if not first:
-                if guard_nonfinite and not math.isfinite(loss.item()):
-                    raise _NonFiniteLoss(loss.detach())
+                bad = skip_loss(loss)
+                if bad is not None:
+                    raise _NonFiniteLoss(bad)
                 first.append(metric_values(pred, labels, loss) if metrics else ())
             loss.backward()
             if clip is not None and not clip.eager_(clipped):
