@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from bench import report, workloads
-from bench.contenders import BASELINE, FUSED, select
+from bench.contenders import BASELINE, FUSED, NATIVE_FUSED, select
 from bench.harness import measure
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -86,7 +86,7 @@ def speed(repetitions: int = 3) -> float | None:
     """Quick benchmark of MLP 16-32-1 (batch 32, 8192 samples, 1 thread); the best hotloop speed-up."""
     torch.set_num_threads(1)
     workload = workloads.mlp16()
-    names = ["hotloop graph", "hotloop native", "hotloop python", BASELINE, FUSED]
+    names = ["hotloop graph", "hotloop native", NATIVE_FUSED, "hotloop python", BASELINE, FUSED]
     size = f"batch {workload.batch_size}, {workload.n_samples} samples"
     print(f"\nquick benchmark: {workload.title}, {size}, 1 thread")
     result = measure(workload, select(names), torch.device("cpu"), repetitions=repetitions)
