@@ -30,10 +30,10 @@ class FitStream(Iterator[Event]):
     exactly, in this process or another.
     """
 
-    def __init__(self, start: Callable[[], _Session]) -> None:
+    def __init__(self, start: Callable[[], Any]) -> None:  # a _Session, or fit_many's session
         # The session lives in a holder the generator shares, so the stream and its generator form no
         # reference cycle: dropping the last reference to the stream frees the native state at once.
-        self._holder: list[_Session] = []
+        self._holder: list[Any] = []
         self._events = _generate(start, self._holder)
 
     def __iter__(self) -> FitStream:
@@ -59,7 +59,7 @@ class FitStream(Iterator[Event]):
         return self._holder[0].state_dict()
 
 
-def _generate(start: Callable[[], _Session], holder: list[_Session]) -> Iterator[Event]:
+def _generate(start: Callable[[], Any], holder: list[Any]) -> Iterator[Event]:
     holder.append(start())
     try:
         yield from holder[0].events()

@@ -20,7 +20,7 @@ from torch import nn
 from . import _checks as check
 from ._shared import CaptureError, SlowPathWarning
 from .events import Event
-from .fit import NonFiniteLossError, fit
+from .fit import FitStream, NonFiniteLossError, fit
 from .many_capture import StackedModels, TrainStep, architecture_reason, capture, stack
 from .many_optim import StackedOptimizer
 from .many_optim import refusal_reason as optimizer_reason
@@ -46,47 +46,15 @@ class ModelList(list):  # type: ignore[type-arg]
         return list(self._session.active)
 
 
-class ManyStream(Iterator[Event]):
-    """The event stream returned by :func:`fit_many` (``close()``, ``state_dict()`` as for ``fit``)."""
-
-    def __init__(self, start: Callable[[], Any]) -> None:
-        self._holder: list[Any] = []
-        self._events = _generate(start, self._holder)
-
-    def __iter__(self) -> ManyStream:
-        return self
-
-    def __next__(self) -> Event:
-        return next(self._events)
-
-    def close(self) -> None:
-        """Stop training; the models' and optimizers' tensors get their own storage back."""
-        self._events.close()
-        if self._holder:
-            self._holder[0].release()
+class ManyStream(FitStream):
+    """The event stream returned by :func:`fit_many`: ``close()`` (the models' and optimizers' tensors get
+    their own storage back) and ``state_dict()`` as for ``fit``, plus ``freeze(k)``."""
 
     def freeze(self, k: int) -> None:
         """Model ``k`` takes no further steps (its weights and optimizer state stay as they are)."""
         if not self._holder:
             raise RuntimeError("freeze() needs at least one event: the stream has not started")
         self._holder[0].freeze(k)
-
-    def state_dict(self) -> dict[str, Any]:
-        """What ``fit_many(..., resume=state)`` needs to continue the run exactly."""
-        if not self._holder:
-            raise RuntimeError("state_dict() needs at least one event: the stream has not started")
-        return self._holder[0].state_dict()
-
-
-def _generate(start: Callable[[], Any], holder: list[Any]) -> Iterator[Event]:
-    holder.append(start())
-    try:
-        yield from holder[0].events()
-    except GeneratorExit:
-        holder[0].release()
-        raise
-    # as for fit: an exception from training keeps the session, so state_dict() still works
-    holder[0].release()
 
 
 def kfold(
