@@ -9,6 +9,7 @@ import torch
 
 from . import loops
 from .floor import compiled_step
+from .jax_loop import jax_scan
 from .lightning_loop import lightning_trainer
 from .loops import Data, Runner
 from .workloads import Workload
@@ -19,6 +20,7 @@ NATIVE_FUSED = "hotloop native, fused optimizer"
 BASELINES = (BASELINE, FUSED)  # ratios are against the faster of these two, per workload
 COMPILE_BREAKS = "torch.compile (model + step, graph breaks)"
 COMPILE_STEP = "torch.compile (whole step, fullgraph)"
+JAX_SCAN = "JAX (jit-ed epoch, lax.scan)"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,12 @@ CONTENDERS = [
         compiled_step,
         "functional step (grad_and_value + update) compiled fullgraph=True",
         ("compile-fullgraph", "floor"),
+    ),
+    Contender(
+        JAX_SCAN,
+        jax_scan,
+        "optional: one jax.jit-ed epoch, lax.scan of gather + forward + backward + optax update",
+        ("jax",),
     ),
     Contender("graph floor", loops.graph_floor, "CUDA only: the step's kernels, one CUDA graph per window"),
 ]

@@ -15,7 +15,7 @@ from torch import nn
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repository root, for `bench`
 
 from bench import report, run, workloads  # noqa: E402
-from bench.contenders import BASELINE, COMPILE_BREAKS, COMPILE_STEP, FUSED, Contender, select  # noqa: E402
+from bench.contenders import BASELINE, COMPILE_BREAKS, COMPILE_STEP, FUSED, JAX_SCAN, Contender, select  # noqa: E402
 from bench.harness import measure  # noqa: E402
 from bench.loops import Runner, Skip, installed  # noqa: E402
 
@@ -190,6 +190,24 @@ def test_lightning_runs_in_windows_and_stops():
     (outcome,) = result.outcomes
     assert outcome.skipped is None and len(outcome.times) == 2 and outcome.loss > 0
     assert threading.active_count() == before  # the training thread ended
+
+
+def test_jax_contender_is_optional_and_trains_like_the_eager_loop():
+    result = measure(tiny("ce"), select(["jax", "eager-loop"]), CPU, repetitions=2)
+    runs = {o.contender: o for o in result.outcomes}
+    jax_run, eager_run = runs[JAX_SCAN], runs[BASELINE]
+    if not (installed("jax") and installed("optax")):
+        assert jax_run.skipped == "jax and optax are not installed (pip install jax optax)"
+        return
+    assert jax_run.skipped is None and len(jax_run.times) == 2
+    # other batch orders, same model, data and Adam: the loss after the same epochs is close
+    assert jax_run.loss == pytest.approx(eager_run.loss, rel=0.2)
+
+
+@pytest.mark.skipif(not (installed("jax") and installed("optax")), reason="jax is not installed")
+def test_jax_contender_skips_what_it_cannot_translate():
+    (outcome,) = measure(workloads.standard(quick=True)["cnn"], select(["jax"]), CPU, repetitions=1).outcomes
+    assert outcome.skipped.startswith("the JAX contender translates MLPs only")
 
 
 def test_select_rejects_unknown_names():
