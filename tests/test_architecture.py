@@ -18,6 +18,7 @@ LAYERS: list[set[str]] = [
         "batching",
         "clipping",
         "eager_draws",
+        "faster_ops",
         "events",
         "metrics",
         "plotting",

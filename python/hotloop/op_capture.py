@@ -23,6 +23,7 @@ from ._native import _C
 from ._shared import CaptureError, forward_and_loss, named_tensors
 from .clipping import GradClip
 from .eager_draws import draw_as_eager
+from .faster_ops import swap_for_faster
 from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
 
 
@@ -411,6 +412,7 @@ def lower(gm: fx.GraphModule, num_inputs: int, *, protected: dict[str, torch.Ten
 def _lower(gm: fx.GraphModule, num_inputs: int, protected: dict[str, torch.Tensor]) -> Any:
     _refuse_baked_in(gm, protected)
     draw_as_eager(gm)
+    swap_for_faster(gm)
     _simplify(gm)
     nodes = _eliminate_dead_code(gm.graph)
     placeholders = [n for n in nodes if n.op == "placeholder"]
