@@ -27,21 +27,24 @@ def _model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-def _optimizer(kind: str, model: nn.Module, k: int) -> torch.optim.Optimizer:
+def _optimizer(kind: str, model: nn.Module, k: int, fused: bool = False) -> torch.optim.Optimizer:
     lr = 0.01 * (1 + k % 4)
     wd = 0.0 if k % 3 == 0 else 0.01 * k
+    fused_arg = {"fused": True} if fused else {}
     if kind == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=[0.0, 0.9, 0.5][k % 3], weight_decay=wd)
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=[0.0, 0.9, 0.5][k % 3], weight_decay=wd, **fused_arg
+        )
     if kind == "adam":
         return torch.optim.Adam(
-            model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.99 - 0.01 * (k % 2))
+            model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.99 - 0.01 * (k % 2)), **fused_arg
         )
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, **fused_arg)
 
 
-def _setup(kind: str, k: int = K):
+def _setup(kind: str, k: int = K, fused: bool = False):
     models = [_model(s) for s in range(k)]
-    return models, [_optimizer(kind, m, i) for i, m in enumerate(models)]
+    return models, [_optimizer(kind, m, i, fused) for i, m in enumerate(models)]
 
 
 def _plain(models, optimizers, x, y, orders_per_epoch, batch_size, skip=None):
@@ -78,10 +81,13 @@ def _assert_same(models, optimizers, ref_models, ref_optimizers, only=None):
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("order", ["shared", "independent", "subsets"])
-def test_parity_with_k_plain_loops(kind, order):
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+def test_parity_with_k_plain_loops(kind, order, fused):
+    # fused=True optimizers take the fused per-row kernel (1e-5 against torch's own fused kernels); the
+    # others the op-for-op update
     x, y = _data()
-    models, optimizers = _setup(kind)
-    ref_models, ref_optimizers = _setup(kind)
+    models, optimizers = _setup(kind, fused=fused)
+    ref_models, ref_optimizers = _setup(kind, fused=fused)
     epochs, bs = 3, 16
     if order == "shared":
         stream = fit_many(
@@ -127,6 +133,7 @@ def test_parity_with_k_plain_loops(kind, order):
             for _ in range(epochs)
         ]
     events = [next(stream) for _ in range(epochs)]
+    assert (stream._holder[0].optimizer.row_optimizer is not None) == fused
     _plain(ref_models, ref_optimizers, x, y, orders, bs)
     _assert_same(models, optimizers, ref_models, ref_optimizers)
     assert events[-1]["engine"] == "stacked-native"
@@ -144,10 +151,11 @@ def test_train_loss_is_each_models_window_mean():
         assert event["train_loss"][k] == pytest.approx(nn.MSELoss()(model(x), y).item(), rel=1e-6)
 
 
-def test_a_diverging_model_freezes_alone():
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+def test_a_diverging_model_freezes_alone(fused):
     x, y = _data()
-    models, optimizers = _setup("sgd")
-    ref_models, ref_optimizers = _setup("sgd")
+    models, optimizers = _setup("sgd", fused=fused)
+    ref_models, ref_optimizers = _setup("sgd", fused=fused)
     for opts in (optimizers, ref_optimizers):
         opts[3].param_groups[0]["lr"] = 1e18  # diverges within a few steps
     stream = fit_many(
@@ -427,3 +435,159 @@ def test_weight_decay_switched_on_between_events(kind):
     ob[1].param_groups[0]["weight_decay"] = 0.1
     _plain(b, ob, x, y, orders[1:], 16)
     _assert_same(a, oa, b, ob)
+
+
+def _wide_run(k: int = 4, lr: float = 1e-3):
+    torch.manual_seed(0)
+    x, y = torch.randn(256, D), torch.randn(256, 1)
+    models = [_model(s) for s in range(k)]
+    return (x, y), models, [torch.optim.Adam(m.parameters(), lr=lr) for m in models]
+
+
+def _replay(models, optimizers, data, steps, batch_size, seed):
+    """K plain loops over fit_many's shared order for ``steps`` steps."""
+    x, y = data
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            if done == steps:
+                break
+            for model, optimizer in zip(models, optimizers, strict=True):
+                optimizer.zero_grad()
+                nn.MSELoss()(model(x[idx]), y[idx]).backward()
+                optimizer.step()
+            done += 1
+
+
+def test_ctrl_c_stops_a_window_between_two_steps():
+    # SIGINT while the C++ loop runs a long stacked window: KeyboardInterrupt at a step boundary, every
+    # model's weights and optimizer state those of K plain loops after that many steps, and the stream
+    # still checkpoints.
+    import os
+    import signal
+    import threading
+    import time
+
+    from hotloop._shared import running_window
+
+    data, models, optimizers = _wide_run()
+    stream = fit_many(
+        data,
+        models,
+        optimizers,
+        nn.MSELoss(),
+        batch_size=4,
+        every=10**7,
+        generator=torch.Generator().manual_seed(3),
+        engine="stacked",
+    )
+
+    def interrupt_when_running() -> None:
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline and (running_window() or (0, 0))[0] < 50:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_running, daemon=True).start()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    assert time.perf_counter() - started < 50, "the window was not interrupted"
+    counts = {float(state["step"]) for o in optimizers for state in o.state.values()}
+    assert len(counts) == 1, f"the models stopped at different steps: {counts}"
+    steps = int(counts.pop())
+    assert 50 <= steps < 10**7
+    state = stream.state_dict()
+    assert state["updates"] == [steps] * len(models)
+    _, ref_models, ref_optimizers = _wide_run()
+    _replay(ref_models, ref_optimizers, data, steps, 4, seed=3)
+    _assert_same(models, optimizers, ref_models, ref_optimizers)
+    stream.close()
+
+
+def test_resume_after_ctrl_c_continues_the_data_order():
+    import os
+    import signal
+    import threading
+    import time
+
+    from hotloop._shared import running_window
+
+    # the interrupted run drew the orders of several epochs ahead (the window spans many): the ones it did
+    # not reach are drawn again after resuming, as a plain loop draws them
+    data, models, optimizers = _wide_run()
+    every = 1000
+    stream = fit_many(
+        data,
+        models,
+        optimizers,
+        nn.MSELoss(),
+        batch_size=4,
+        every=every,
+        generator=torch.Generator().manual_seed(3),
+        engine="stacked",
+    )
+    next(stream)
+
+    def interrupt_mid_window() -> None:
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline and (running_window() or (0, 0))[0] < 30:
+            time.sleep(0.0005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_mid_window, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    state = stream.state_dict()
+    done = state["updates"][0]
+    assert every + 24 < done < 2 * every  # stopped inside the window, past its first epoch's end
+    stream.close()
+    resumed = fit_many(
+        data,
+        models,
+        optimizers,
+        nn.MSELoss(),
+        batch_size=4,
+        every=every,
+        generator=torch.Generator().manual_seed(3),
+        engine="stacked",
+        resume=state,
+    )
+    next(resumed)
+    assert [float(s["step"]) for s in optimizers[0].state.values()][0] == done + every
+    _, ref_models, ref_optimizers = _wide_run()
+    _replay(ref_models, ref_optimizers, data, done + every, 4, seed=3)
+    _assert_same(models, optimizers, ref_models, ref_optimizers)
+
+
+def test_running_window_reports_progress_inside_a_stacked_window():
+    import threading
+    import time
+
+    from hotloop._shared import running_window
+
+    data, models, optimizers = _wide_run()
+    steps = 3000
+    stream = fit_many(data, models, optimizers, nn.MSELoss(), batch_size=4, every=steps, engine="stacked")
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            window = running_window()
+            if window is not None:
+                seen.append(window)
+            time.sleep(0.002)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    event = next(stream)
+    done.set()
+    poller.join()
+    assert event["updates"] == [steps] * len(models)
+    assert running_window() is None
+    assert seen, "the poller never saw the window running"
+    assert all(planned == steps and 0 <= n <= steps for n, planned in seen)
+    assert any(0 < n < steps for n, _ in seen)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
