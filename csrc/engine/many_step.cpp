@@ -33,13 +33,14 @@ ManyStep::ManyStep(std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> ste
                    std::vector<at::Tensor> step_inputs, int64_t index_slot, at::Tensor applied, bool guard,
                    bool raise_on_nonfinite)
     : step_graphs_(std::move(step_graphs)),
+      step_inputs_(std::move(step_inputs)),
       index_slot_(index_slot),
       applied_(std::move(applied)),
       guard_(guard),
       raise_(raise_on_nonfinite) {
   TORCH_CHECK(!step_graphs_.empty(), "ManyStep needs at least one captured step graph");
-  TORCH_CHECK(index_slot_ >= 0 && index_slot_ + 1 < static_cast<int64_t>(step_inputs.size()),
-              "ManyStep: index_slot ", index_slot_, " is outside the ", step_inputs.size(), " step inputs");
+  TORCH_CHECK(index_slot_ >= 0 && index_slot_ + 1 < static_cast<int64_t>(step_inputs_.size()),
+              "ManyStep: index_slot ", index_slot_, " is outside the ", step_inputs_.size(), " step inputs");
   TORCH_CHECK(applied_.defined() && applied_.dim() == 1 && applied_.scalar_type() == at::kLong,
               "ManyStep: applied must be a [K] int64 tensor");
   K_ = applied_.size(0);
@@ -47,7 +48,7 @@ ManyStep::ManyStep(std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> ste
     TORCH_CHECK(graph != nullptr, "ManyStep: the graph for batch size ", size, " is missing");
     TORCH_CHECK(graph->num_outputs() == 2, "ManyStep: the graph for batch size ", size, " returns ",
                 graph->num_outputs(), " values, expected 2 (the flat gradient, the finite mask)");
-    bind_all(*graph, step_inputs, "step");
+    bind_all(*graph, step_inputs_, "step");
   }
   active_.assign(K_, true);
   nonfinite_.assign(K_, -1);
@@ -61,6 +62,8 @@ void ManyStep::set_updates(std::shared_ptr<OpGraph> update_all, const std::vecto
   TORCH_CHECK(fresh.defined() == needs_fresh.defined(), "ManyStep: fresh and needs_fresh go together");
   bind_all(*update_all, all_inputs, "update_all");
   bind_all(*update_rows, rows_inputs, "update_rows");
+  all_inputs_ = all_inputs;
+  rows_inputs_ = rows_inputs;
   update_all_ = std::move(update_all);
   update_rows_ = std::move(update_rows);
   fresh_ = std::move(fresh);
@@ -95,6 +98,12 @@ void ManyStep::set_active_mask() {
   active_mask_ = mask.to(applied_.device());
 }
 
+void ManyStep::bind_inputs() {
+  for (auto& [size, graph] : step_graphs_) bind_all(*graph, step_inputs_, "step");
+  if (update_all_ != nullptr) bind_all(*update_all_, all_inputs_, "update_all");
+  if (update_rows_ != nullptr) bind_all(*update_rows_, rows_inputs_, "update_rows");
+}
+
 OpGraph& ManyStep::graph_for(int64_t batch_size) {
   for (auto& [size, graph] : step_graphs_)
     if (size == batch_size) return *graph;
@@ -104,6 +113,7 @@ OpGraph& ManyStep::graph_for(int64_t batch_size) {
 void ManyStep::begin_window(bool /*guard_nonfinite: fit_many's guard is per model, set at construction*/) {
   TORCH_CHECK(update_all_ != nullptr || row_optimizer_ != nullptr,
               "ManyStep: set_updates() or set_row_optimizer() must come before the first window");
+  bind_inputs();
   position_ = 0;
   nonfinite_.assign(K_, -1);
   raised_model_ = raised_step_ = -1;

@@ -61,7 +61,13 @@ class ManyStep final : public DeviceStep {
   // Updates the rows of `rows` after the finite check of `finite`; returns false when the window must stop.
   bool update_some(const at::Tensor& grad, const at::Tensor& finite, at::Tensor rows);
 
+  // Bound again at every run's start (a check call of a graph unbinds its inputs).
+  void bind_inputs();
+
   std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> step_graphs_;
+  std::vector<at::Tensor> step_inputs_;
+  std::vector<at::Tensor> all_inputs_;
+  std::vector<at::Tensor> rows_inputs_;
   int64_t index_slot_;
   at::Tensor applied_;
   bool guard_;

@@ -36,6 +36,7 @@ class RowOptimizer {
   void sgd_row(int64_t k, const T* grad);
   template <typename T>
   void adam_row(int64_t k, const T* grad);
+  bool avx2_;  // the element loops run their AVX2 build
 
   Kind kind_;
   at::Tensor param_, last_grad_;

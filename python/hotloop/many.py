@@ -10,6 +10,7 @@ What cannot be stacked falls back to K ``fit`` runs in lock-step, with a SlowPat
 from __future__ import annotations
 
 import copy
+import operator
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -380,6 +381,7 @@ class _Stacked:
         dataset = _C.Dataset(list(plan.train_data), plan.batch_size, False, False, None, False)
         self.loop = _C.Loop(dataset, self.step_runner)
         self.released = False
+        self.grad_copy: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
         self.grad_views = [
             [
                 self.train.last_grad[k, a:b].view(p.shape)
@@ -607,8 +609,10 @@ class _Stacked:
                 return
 
     def _generators(self) -> list[torch.Generator]:
+        """The generators an epoch's draw moves (the per-model copies only for shared subsets)."""
+        copies = self.copies if self.per_model and self.plan.order == "shared" else []
         unique: dict[int, torch.Generator] = {}
-        for g in [*self.plan.generators, self.shared_source, *self.copies]:
+        for g in [*self.plan.generators, self.shared_source, *copies]:
             if g is not None:
                 unique.setdefault(id(g), g)
         return list(unique.values())
@@ -625,18 +629,29 @@ class _Stacked:
         self.optimizer.store([u > 0 for u in self.updates])
         # .grad as a plain loop leaves it: the last applied step's gradient, in the parameter's own tensor
         # (a view of the stacked gradient would trip torch's tensor teardown check)
-        destinations, sources = [], []
-        for k in range(self.K):
-            if self.updates[k] == updates_before[k]:
-                continue
+        stepped = [k for k in range(self.K) if self.updates[k] != updates_before[k]]
+        if not stepped:
+            return
+        cached = self.grad_copy
+        if len(stepped) == self.K and cached is not None:
+            params, destinations, sources = cached
+            if all(map(operator.is_, [p.grad for p in params], destinations)):
+                with torch.no_grad():
+                    torch._foreach_copy_(destinations, sources)
+                return
+        params, destinations, sources = [], [], []
+        for k in stepped:
             for p, view in zip(self.stacked.user_train[k], self.grad_views[k], strict=True):
                 if p.grad is None or p.grad.shape != p.shape:
                     p.grad = torch.empty_like(p)
+                params.append(p)
                 destinations.append(p.grad)
                 sources.append(view)
-        if destinations:
-            with torch.no_grad():
-                torch._foreach_copy_(destinations, sources)
+        with torch.no_grad():
+            torch._foreach_copy_(destinations, sources)
+        # the lists of a window where every model stepped serve the next such window while the .grad
+        # tensors are still the ones they name
+        self.grad_copy = (params, destinations, sources) if len(stepped) == self.K else None
 
     def release(self) -> None:
         """The user's tensors (parameters, buffers, optimizer state) stop being views of the
