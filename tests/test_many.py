@@ -230,9 +230,11 @@ def test_validation_loss_many_scores_each_model_on_its_fold():
     x, y = _data()
     models, _ = _setup("sgd", 5)
     _, val = kfold(N, 5, torch.Generator().manual_seed(0))
-    values = hotloop.validation_loss_many((x, y), nn.MSELoss(), subsets=val, batch_size=6)({"model": models})[
-        "val_loss"
-    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)  # the stacked pass runs natively
+        values = hotloop.validation_loss_many((x, y), nn.MSELoss(), subsets=val, batch_size=6)(
+            {"model": models}
+        )["val_loss"]
     with torch.no_grad():
         expected = [nn.MSELoss()(m(x[v]), y[v]).item() for m, v in zip(models, val, strict=True)]
     assert values == pytest.approx(expected, rel=1e-5)
@@ -354,9 +356,11 @@ def test_evaluate_many_metrics_per_model_and_fold():
     x, y = _classification()
     models = _classifiers(4)
     _, val = kfold(len(x), 4, torch.Generator().manual_seed(0))
-    values = hotloop.evaluate_many(
-        (x, y), metrics={"acc": "accuracy", "ce": nn.CrossEntropyLoss()}, subsets=val, batch_size=5
-    )({"model": models})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)  # the stacked pass runs natively
+        values = hotloop.evaluate_many(
+            (x, y), metrics={"acc": "accuracy", "ce": nn.CrossEntropyLoss()}, subsets=val, batch_size=5
+        )({"model": models})
     with torch.no_grad():
         for k, (m, v) in enumerate(zip(models, val, strict=True)):
             pred = m(x[v])
@@ -591,3 +595,63 @@ def test_running_window_reports_progress_inside_a_stacked_window():
     assert all(planned == steps and 0 <= n <= steps for n, planned in seen)
     assert any(0 < n < steps for n, _ in seen)
     assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+
+
+def _bn_models(k: int) -> list[nn.Module]:
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+        with torch.no_grad():
+            model[1].running_mean.normal_()
+            model[1].running_var.uniform_(0.5, 2.0)
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("use_subsets", [False, True], ids=["shared", "subsets"])
+def test_evaluate_many_runs_natively_and_sees_new_weights(use_subsets):
+    # no SlowPathWarning: the stacked forward is captured and run by the C++ evaluator; each model in eval
+    # mode (BatchNorm's running statistics), batches of 4 with a remainder, values read again after the
+    # weights change in place
+    x, y = _data()
+    models = _bn_models(4)
+    _, val = kfold(N, 4, torch.Generator().manual_seed(0))
+    subsets = val if use_subsets else None
+    stage = hotloop.validation_loss_many((x, y), nn.MSELoss(), subsets=subsets, batch_size=4)
+
+    def expected() -> list[float]:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            sets = val if use_subsets else [torch.arange(N)] * 4
+            values = [nn.MSELoss()(m(x[v]), y[v]).item() for m, v in zip(models, sets, strict=True)]
+        for m in models:
+            m.train()
+        return values
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
+        first = stage({"model": models})["val_loss"]
+        assert first == pytest.approx(expected(), rel=1e-5)
+        with torch.no_grad():
+            for k, m in enumerate(models):
+                m[0].weight.add_(0.1 * (k + 1))
+                m[1].running_mean.add_(0.5)
+        second = stage({"model": models})["val_loss"]
+    assert second == pytest.approx(expected(), rel=1e-5)
+    assert second != first
+    assert all(m.training for m in models)
+
+
+def test_evaluate_many_metric_reading_values_in_python_falls_back_with_the_reason():
+    x, y = _data()
+    models, _ = _setup("sgd", 3)
+
+    def worst(pred, labels):
+        return torch.tensor(float((pred - labels).abs().max().item()))
+
+    with pytest.warns(SlowPathWarning, match="eagerly"):
+        values = hotloop.evaluate_many((x, y), metrics={"worst": worst})({"model": models})["worst"]
+    with torch.no_grad():
+        assert values == pytest.approx([worst(m(x), y).item() for m in models], rel=1e-6)
