@@ -187,6 +187,43 @@ def test_a_diverging_model_freezes_alone(fused):
     )
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+def test_on_nonfinite_raise_stops_after_the_others_take_that_step(fused):
+    x, y = _data()
+    models, optimizers = _setup("sgd", fused=fused)
+    ref_models, ref_optimizers = _setup("sgd", fused=fused)
+    for opts in (optimizers, ref_optimizers):
+        opts[3].param_groups[0]["lr"] = 1e18
+    stream = fit_many(
+        (x, y),
+        models,
+        optimizers,
+        nn.MSELoss(),
+        batch_size=16,
+        on_nonfinite="raise",
+        generator=torch.Generator().manual_seed(2),
+    )
+    with pytest.raises(hotloop.NonFiniteLossError) as raised:
+        for _ in range(3):
+            next(stream)
+    g = torch.Generator().manual_seed(2)
+    orders = [[torch.randperm(N, generator=g)] * K for _ in range(3)]
+    skipped: set[int] = set()
+    applied = _plain(ref_models[3:4], ref_optimizers[3:4], x, y, [o[3:4] for o in orders], 16, skip=skipped)
+    assert skipped == {0}
+    bad_step = applied[0] + 1
+    assert raised.value.step == bad_step
+    steps = [idx for o in orders for idx in o[0].split(16)][:bad_step]
+    others = [k for k in range(K) if k != 3]
+    for k in others:
+        for idx in steps:
+            ref_optimizers[k].zero_grad()
+            nn.MSELoss()(ref_models[k](x[idx]), y[idx]).backward()
+            ref_optimizers[k].step()
+    _assert_same(models, optimizers, ref_models, ref_optimizers, only=others)
+    assert stream.state_dict()["updates"] == [bad_step - 1 if k == 3 else bad_step for k in range(K)]
+
+
 def test_different_architectures_fall_back_to_sequential_fit_runs():
     x, y = _data()
     models = [_model(0), nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 1))]

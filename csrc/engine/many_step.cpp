@@ -163,26 +163,27 @@ bool ManyStep::update_some(const at::Tensor& grad, const at::Tensor& finite, at:
       if (raise_) {
         raised_model_ = bad.front();
         raised_step_ = counts[bad.front()] + 1;
-        return false;
+      } else {
+        for (int64_t k : bad) {
+          nonfinite_[k] = counts[k] + 1;
+          active_[k] = false;
+        }
+        set_active_mask();
       }
-      for (int64_t k : bad) {
-        nonfinite_[k] = counts[k] + 1;
-        active_[k] = false;
-      }
-      set_active_mask();
       rows = rows.logical_and(finite.reshape({K_, 1}));
     }
   }
+  const bool go_on = raised_model_ < 0;  // raising: the other models take this step, then the window stops
   if (row_optimizer_ != nullptr) {
     row_optimizer_->step(grad, host_bools(rows));
-    return true;
+    return go_on;
   }
-  if (!at::any(rows).item<bool>()) return true;
+  if (!at::any(rows).item<bool>()) return go_on;
   update_rows_->bind_input(1, grad);
   update_rows_->bind_input(2, rows);
   update_rows_->run(no_outputs_);
   if (fresh_.defined()) fast_ = !fresh_.logical_and(needs_fresh_).any().item<bool>();
-  return true;
+  return go_on;
 }
 
 WindowTotals ManyStep::end_window() {

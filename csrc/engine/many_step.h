@@ -22,8 +22,8 @@ class ManyStep final : public DeviceStep {
   // shared or [K, B] per model) and the rows that take the step at index_slot + 1 ([K, 1] bool), and
   // returning (flat gradient [K, P], isfinite(loss) [K]); the graph itself adds the rows it counts to the
   // window's per-model sums, among them `applied` ([K] int64, the window's applied steps per model).
-  // guard: a model whose loss is not finite is left unapplied and frozen (raise_on_nonfinite: the window
-  // stops there instead, the batch consumed and no model updated).
+  // guard: a model whose loss is not finite is left unapplied and frozen (raise_on_nonfinite: the other
+  // models take that step and the window stops there).
   ManyStep(std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> step_graphs,
            std::vector<at::Tensor> step_inputs, int64_t index_slot, at::Tensor applied, bool guard,
            bool raise_on_nonfinite);
