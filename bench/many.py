@@ -1,10 +1,12 @@
-"""fit_many's workload: K models trained together, model-steps/s (1 thread, batch 32, Adam).
+"""fit_many's workload: K models trained together, model-steps/s (1 thread, batch 32, Adam; with
+``--fused`` every contender's Adam is built ``fused=True``: fused eager steps, fit's fused native kernels,
+fit_many's fused per-row kernel).
 
 Contenders: K eager loops (forward, loss, zero_grad, backward, step per model per batch), K sequential
 ``hotloop.fit`` native runs, and ``hotloop.fit_many`` (one stacked native loop). Warm-up (capture) is not
 timed: each contender runs one untimed epoch first.
 
-    PYTHONPATH=python .venv/bin/python bench/many.py [--ks 1 4 16 64] [--workloads mlp cnn]
+    PYTHONPATH=python .venv/bin/python bench/many.py [--ks 1 4 16 64] [--workloads mlp cnn] [--fused]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 BATCH = 32
+FUSED = False  # --fused
 
 
 def _mlp() -> nn.Module:
@@ -49,7 +52,9 @@ def _setup(make, k):
     for seed in range(k):
         torch.manual_seed(seed)
         models.append(make())
-    return models, [torch.optim.Adam(m.parameters(), lr=1e-3 * (1 + i % 4)) for i, m in enumerate(models)]
+    return models, [
+        torch.optim.Adam(m.parameters(), lr=1e-3 * (1 + i % 4), fused=FUSED) for i, m in enumerate(models)
+    ]
 
 
 def eager(make, data, loss_fn, k, epochs):
@@ -108,12 +113,16 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--steps", type=int, default=4000, help="model-steps per contender run (about)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fused", action="store_true", help="every contender's Adam built fused=True")
     args = parser.parse_args()
+    global FUSED
+    FUSED = args.fused
     torch.set_num_threads(1)
     print(
         f"# fit_many bench, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
         f"{platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, 1 thread, batch {BATCH}, Adam; model-steps/s"
+        f"torch {torch.__version__}, 1 thread, batch {BATCH}, Adam{' (fused=True)' if FUSED else ''}; "
+        "model-steps/s"
     )
     print("| workload | K | K eager loops | K sequential fit | fit_many | vs fit | vs eager |")
     print("|---|---|---|---|---|---|---|")

@@ -7,10 +7,12 @@
 #include "engine/evaluator.h"
 #include "engine/interrupt.h"
 #include "engine/loop.h"
+#include "engine/many_step.h"
 #include "engine/native_step.h"
 #include "engine/op_graph.h"
 #include "optim/for_loop.h"
 #include "optim/optimizer.h"
+#include "optim/row_optimizer.h"
 #include "python/op_spec.h"
 #include "python/python_step.h"
 #include "python/signal_check.h"
@@ -125,6 +127,61 @@ PYBIND11_MODULE(_C, m) {
       .def("set_graphs", &NativeStep::set_graphs, py::arg("graphs"))
       .def_property_readonly("steps", &NativeStep::steps)
       .def_property_readonly("optimizer", &NativeStep::optimizer);
+
+  // fit_many's stacked step (built by hotloop.many): per-window schedules, per-model freeze.
+  py::class_<ManyStep, DeviceStep, std::shared_ptr<ManyStep>>(m, "ManyStep")
+      .def(py::init<std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>, std::vector<at::Tensor>, int64_t,
+                    at::Tensor, bool, bool>(),
+           py::arg("step_graphs"), py::arg("step_inputs"), py::arg("index_slot"), py::arg("applied"),
+           py::arg("guard"), py::arg("raise_on_nonfinite"))
+      .def(
+          "set_updates",
+          [](ManyStep& step, std::shared_ptr<OpGraph> update_all, const std::vector<at::Tensor>& all_inputs,
+             std::shared_ptr<OpGraph> update_rows, const std::vector<at::Tensor>& rows_inputs,
+             std::optional<at::Tensor> fresh, std::optional<at::Tensor> needs_fresh) {
+            step.set_updates(std::move(update_all), all_inputs, std::move(update_rows), rows_inputs,
+                             fresh.value_or(at::Tensor()), needs_fresh.value_or(at::Tensor()));
+          },
+          py::arg("update_all"), py::arg("all_inputs"), py::arg("update_rows"), py::arg("rows_inputs"),
+          py::arg("fresh"), py::arg("needs_fresh"))
+      .def(
+          "set_window",
+          [](ManyStep& step, std::vector<at::Tensor> indices, const std::vector<std::optional<at::Tensor>>& taking,
+             std::vector<bool> active) {
+            std::vector<at::Tensor> masks;
+            masks.reserve(taking.size());
+            for (const auto& mask : taking) masks.push_back(mask.value_or(at::Tensor()));
+            step.set_window(std::move(indices), std::move(masks), std::move(active));
+          },
+          py::arg("indices"), py::arg("taking"), py::arg("active"))
+      .def("set_row_optimizer", &ManyStep::set_row_optimizer, py::arg("optimizer"))
+      .def_property_readonly("position", &ManyStep::position)
+      .def_property_readonly("active", &ManyStep::active)
+      .def_property_readonly("nonfinite_steps", &ManyStep::nonfinite_steps)
+      .def_property_readonly("raised_model", &ManyStep::raised_model)
+      .def_property_readonly("raised_step", &ManyStep::raised_step);
+
+  py::class_<RowOptimizer, std::shared_ptr<RowOptimizer>>(m, "RowOptimizer")
+      .def(py::init([](const std::string& kind, at::Tensor param, at::Tensor last_grad, std::vector<at::Tensor> state,
+                       bool maximize, bool nesterov, bool amsgrad, bool decoupled) {
+             TORCH_CHECK(kind == "sgd" || kind == "adam", "RowOptimizer kind must be 'sgd' or 'adam', got ", kind);
+             return std::make_shared<RowOptimizer>(kind == "sgd" ? RowOptimizer::Kind::SGD : RowOptimizer::Kind::Adam,
+                                                   std::move(param), std::move(last_grad), std::move(state),
+                                                   maximize, nesterov, amsgrad, decoupled);
+           }),
+           py::arg("kind"), py::arg("param"), py::arg("last_grad"), py::arg("state"), py::arg("maximize"),
+           py::arg("nesterov"), py::arg("amsgrad"), py::arg("decoupled"))
+      .def(
+          "set_hypers",
+          [](RowOptimizer& optimizer, std::vector<double> lr, std::vector<double> weight_decay,
+             std::vector<double> momentum, std::vector<double> dampening, std::vector<double> beta1,
+             std::vector<double> beta2, std::vector<double> eps) {
+            optimizer.set_hypers({std::move(lr), std::move(weight_decay), std::move(momentum), std::move(dampening),
+                                  std::move(beta1), std::move(beta2), std::move(eps)});
+          },
+          py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"), py::arg("beta1"),
+          py::arg("beta2"), py::arg("eps"))
+      .def("step", &RowOptimizer::step, py::arg("grad"), py::arg("on"), py::call_guard<py::gil_scoped_release>());
 
   // Native optimizers: hotloop.optim builds them and configures them at every window boundary.
   py::class_<OptimizerGroup>(m, "OptimizerGroup")

@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"_checks", "_optim_specs", "distributed"},
     {"optim", "op_capture", "plan", "many_optim"},
     {"engines.base", "native_eval", "many_capture"},
-    {"engines.python", "engines.native", "engines.cuda_graph"},
+    {"engines.python", "engines.native", "engines.cuda_graph", "many_eval"},
     {"engines", "evaluation", "stages", "many_stages"},
     {"fit"},
     {"many"},

@@ -27,21 +27,24 @@ def _model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 1))
 
 
-def _optimizer(kind: str, model: nn.Module, k: int) -> torch.optim.Optimizer:
+def _optimizer(kind: str, model: nn.Module, k: int, fused: bool = False) -> torch.optim.Optimizer:
     lr = 0.01 * (1 + k % 4)
     wd = 0.0 if k % 3 == 0 else 0.01 * k
+    fused_arg = {"fused": True} if fused else {}
     if kind == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=[0.0, 0.9, 0.5][k % 3], weight_decay=wd)
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=[0.0, 0.9, 0.5][k % 3], weight_decay=wd, **fused_arg
+        )
     if kind == "adam":
         return torch.optim.Adam(
-            model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.99 - 0.01 * (k % 2))
+            model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.99 - 0.01 * (k % 2)), **fused_arg
         )
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, **fused_arg)
 
 
-def _setup(kind: str, k: int = K):
+def _setup(kind: str, k: int = K, fused: bool = False):
     models = [_model(s) for s in range(k)]
-    return models, [_optimizer(kind, m, i) for i, m in enumerate(models)]
+    return models, [_optimizer(kind, m, i, fused) for i, m in enumerate(models)]
 
 
 def _plain(models, optimizers, x, y, orders_per_epoch, batch_size, skip=None):
@@ -78,10 +81,13 @@ def _assert_same(models, optimizers, ref_models, ref_optimizers, only=None):
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("order", ["shared", "independent", "subsets"])
-def test_parity_with_k_plain_loops(kind, order):
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+def test_parity_with_k_plain_loops(kind, order, fused):
+    # fused=True optimizers take the fused per-row kernel (1e-5 against torch's own fused kernels); the
+    # others the op-for-op update
     x, y = _data()
-    models, optimizers = _setup(kind)
-    ref_models, ref_optimizers = _setup(kind)
+    models, optimizers = _setup(kind, fused=fused)
+    ref_models, ref_optimizers = _setup(kind, fused=fused)
     epochs, bs = 3, 16
     if order == "shared":
         stream = fit_many(
@@ -127,6 +133,7 @@ def test_parity_with_k_plain_loops(kind, order):
             for _ in range(epochs)
         ]
     events = [next(stream) for _ in range(epochs)]
+    assert (stream._holder[0].optimizer.row_optimizer is not None) == fused
     _plain(ref_models, ref_optimizers, x, y, orders, bs)
     _assert_same(models, optimizers, ref_models, ref_optimizers)
     assert events[-1]["engine"] == "stacked-native"
@@ -144,10 +151,11 @@ def test_train_loss_is_each_models_window_mean():
         assert event["train_loss"][k] == pytest.approx(nn.MSELoss()(model(x), y).item(), rel=1e-6)
 
 
-def test_a_diverging_model_freezes_alone():
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+def test_a_diverging_model_freezes_alone(fused):
     x, y = _data()
-    models, optimizers = _setup("sgd")
-    ref_models, ref_optimizers = _setup("sgd")
+    models, optimizers = _setup("sgd", fused=fused)
+    ref_models, ref_optimizers = _setup("sgd", fused=fused)
     for opts in (optimizers, ref_optimizers):
         opts[3].param_groups[0]["lr"] = 1e18  # diverges within a few steps
     stream = fit_many(
@@ -177,6 +185,43 @@ def test_a_diverging_model_freezes_alone():
     torch.testing.assert_close(
         list(models[3].parameters()), list(ref_models[3].parameters()), rtol=1e-5, atol=0.0
     )
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+def test_on_nonfinite_raise_stops_after_the_others_take_that_step(fused):
+    x, y = _data()
+    models, optimizers = _setup("sgd", fused=fused)
+    ref_models, ref_optimizers = _setup("sgd", fused=fused)
+    for opts in (optimizers, ref_optimizers):
+        opts[3].param_groups[0]["lr"] = 1e18
+    stream = fit_many(
+        (x, y),
+        models,
+        optimizers,
+        nn.MSELoss(),
+        batch_size=16,
+        on_nonfinite="raise",
+        generator=torch.Generator().manual_seed(2),
+    )
+    with pytest.raises(hotloop.NonFiniteLossError) as raised:
+        for _ in range(3):
+            next(stream)
+    g = torch.Generator().manual_seed(2)
+    orders = [[torch.randperm(N, generator=g)] * K for _ in range(3)]
+    skipped: set[int] = set()
+    applied = _plain(ref_models[3:4], ref_optimizers[3:4], x, y, [o[3:4] for o in orders], 16, skip=skipped)
+    assert skipped == {0}
+    bad_step = applied[0] + 1
+    assert raised.value.step == bad_step
+    steps = [idx for o in orders for idx in o[0].split(16)][:bad_step]
+    others = [k for k in range(K) if k != 3]
+    for k in others:
+        for idx in steps:
+            ref_optimizers[k].zero_grad()
+            nn.MSELoss()(ref_models[k](x[idx]), y[idx]).backward()
+            ref_optimizers[k].step()
+    _assert_same(models, optimizers, ref_models, ref_optimizers, only=others)
+    assert stream.state_dict()["updates"] == [bad_step - 1 if k == 3 else bad_step for k in range(K)]
 
 
 def test_different_architectures_fall_back_to_sequential_fit_runs():
@@ -222,9 +267,11 @@ def test_validation_loss_many_scores_each_model_on_its_fold():
     x, y = _data()
     models, _ = _setup("sgd", 5)
     _, val = kfold(N, 5, torch.Generator().manual_seed(0))
-    values = hotloop.validation_loss_many((x, y), nn.MSELoss(), subsets=val, batch_size=6)({"model": models})[
-        "val_loss"
-    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)  # the stacked pass runs natively
+        values = hotloop.validation_loss_many((x, y), nn.MSELoss(), subsets=val, batch_size=6)(
+            {"model": models}
+        )["val_loss"]
     with torch.no_grad():
         expected = [nn.MSELoss()(m(x[v]), y[v]).item() for m, v in zip(models, val, strict=True)]
     assert values == pytest.approx(expected, rel=1e-5)
@@ -346,9 +393,11 @@ def test_evaluate_many_metrics_per_model_and_fold():
     x, y = _classification()
     models = _classifiers(4)
     _, val = kfold(len(x), 4, torch.Generator().manual_seed(0))
-    values = hotloop.evaluate_many(
-        (x, y), metrics={"acc": "accuracy", "ce": nn.CrossEntropyLoss()}, subsets=val, batch_size=5
-    )({"model": models})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)  # the stacked pass runs natively
+        values = hotloop.evaluate_many(
+            (x, y), metrics={"acc": "accuracy", "ce": nn.CrossEntropyLoss()}, subsets=val, batch_size=5
+        )({"model": models})
     with torch.no_grad():
         for k, (m, v) in enumerate(zip(models, val, strict=True)):
             pred = m(x[v])
@@ -380,21 +429,44 @@ def test_every_counts_stacked_steps():
     assert events[-1]["epoch"] == 1  # 5 steps per epoch
 
 
-def test_batchnorm_buffers_match_plain_loops():
+@pytest.mark.parametrize("order", ["shared", "subsets"])
+def test_batchnorm_buffers_match_plain_loops(order):
+    # with subsets of 61 and 62 samples the last steps are ragged: a model that sits a step out (and one
+    # frozen between events) keeps its running statistics, as its plain loop runs no forward then
     def make(seed):
         torch.manual_seed(seed)
         return nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
 
     x, y = _data()
-    models, refs = [make(k) for k in range(3)], [make(k) for k in range(3)]
+    k = 3 if order == "shared" else 8
+    models, refs = [make(i) for i in range(k)], [make(i) for i in range(k)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
     ref_opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in refs]
+    train = kfold(N, k, torch.Generator().manual_seed(1))[0] if order == "subsets" else None
     stream = fit_many(
-        (x, y), models, opts, nn.MSELoss(), batch_size=16, generator=torch.Generator().manual_seed(0)
+        (x, y),
+        models,
+        opts,
+        nn.MSELoss(),
+        batch_size=16,
+        subsets=train,
+        generator=torch.Generator().manual_seed(0),
     )
-    assert [next(stream) for _ in range(2)][-1]["engine"] == "stacked-native"
-    g = torch.Generator().manual_seed(0)
-    _plain(refs, ref_opts, x, y, [[torch.randperm(N, generator=g)] * 3 for _ in range(2)], 16)
+    assert next(stream)["engine"] == "stacked-native"
+    stream.freeze(1)
+    next(stream)
+    if order == "shared":
+        g = torch.Generator().manual_seed(0)
+        orders = [[torch.randperm(N, generator=g)] * k for _ in range(2)]
+    else:
+        gens = [torch.Generator().manual_seed(0) for _ in range(k)]
+        orders = [[t[torch.randperm(len(t), generator=gn)] for t, gn in zip(train, gens, strict=True)]]
+        orders.append([t[torch.randperm(len(t), generator=gn)] for t, gn in zip(train, gens, strict=True)])
+    _plain(refs, ref_opts, x, y, orders[:1], 16)
+    others = [i for i in range(k) if i != 1]
+    _plain(
+        [refs[i] for i in others], [ref_opts[i] for i in others], x, y, [[orders[1][i] for i in others]], 16
+    )
     for m, r in zip(models, refs, strict=True):
         for (name, a), b in zip(m.state_dict().items(), r.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -427,3 +499,219 @@ def test_weight_decay_switched_on_between_events(kind):
     ob[1].param_groups[0]["weight_decay"] = 0.1
     _plain(b, ob, x, y, orders[1:], 16)
     _assert_same(a, oa, b, ob)
+
+
+def _wide_run(k: int = 4, lr: float = 1e-3):
+    torch.manual_seed(0)
+    x, y = torch.randn(256, D), torch.randn(256, 1)
+    models = [_model(s) for s in range(k)]
+    return (x, y), models, [torch.optim.Adam(m.parameters(), lr=lr) for m in models]
+
+
+def _replay(models, optimizers, data, steps, batch_size, seed):
+    """K plain loops over fit_many's shared order for ``steps`` steps."""
+    x, y = data
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            if done == steps:
+                break
+            for model, optimizer in zip(models, optimizers, strict=True):
+                optimizer.zero_grad()
+                nn.MSELoss()(model(x[idx]), y[idx]).backward()
+                optimizer.step()
+            done += 1
+
+
+def test_ctrl_c_stops_a_window_between_two_steps():
+    # SIGINT while the C++ loop runs a long stacked window: KeyboardInterrupt at a step boundary, every
+    # model's weights and optimizer state those of K plain loops after that many steps, and the stream
+    # still checkpoints.
+    import os
+    import signal
+    import threading
+    import time
+
+    from hotloop._shared import running_window
+
+    data, models, optimizers = _wide_run()
+    stream = fit_many(
+        data,
+        models,
+        optimizers,
+        nn.MSELoss(),
+        batch_size=4,
+        every=10**7,
+        generator=torch.Generator().manual_seed(3),
+        engine="stacked",
+    )
+
+    def interrupt_when_running() -> None:
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline and (running_window() or (0, 0))[0] < 50:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_running, daemon=True).start()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    assert time.perf_counter() - started < 50, "the window was not interrupted"
+    counts = {float(state["step"]) for o in optimizers for state in o.state.values()}
+    assert len(counts) == 1, f"the models stopped at different steps: {counts}"
+    steps = int(counts.pop())
+    assert 50 <= steps < 10**7
+    state = stream.state_dict()
+    assert state["updates"] == [steps] * len(models)
+    _, ref_models, ref_optimizers = _wide_run()
+    _replay(ref_models, ref_optimizers, data, steps, 4, seed=3)
+    _assert_same(models, optimizers, ref_models, ref_optimizers)
+    stream.close()
+
+
+def test_resume_after_ctrl_c_continues_the_data_order():
+    import os
+    import signal
+    import threading
+    import time
+
+    from hotloop._shared import running_window
+
+    # the interrupted run drew the orders of several epochs ahead (the window spans many): the ones it did
+    # not reach are drawn again after resuming, as a plain loop draws them
+    data, models, optimizers = _wide_run()
+    every = 1000
+    stream = fit_many(
+        data,
+        models,
+        optimizers,
+        nn.MSELoss(),
+        batch_size=4,
+        every=every,
+        generator=torch.Generator().manual_seed(3),
+        engine="stacked",
+    )
+    next(stream)
+
+    def interrupt_mid_window() -> None:
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline and (running_window() or (0, 0))[0] < 30:
+            time.sleep(0.0005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_mid_window, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    state = stream.state_dict()
+    done = state["updates"][0]
+    assert every + 24 < done < 2 * every  # stopped inside the window, past its first epoch's end
+    stream.close()
+    resumed = fit_many(
+        data,
+        models,
+        optimizers,
+        nn.MSELoss(),
+        batch_size=4,
+        every=every,
+        generator=torch.Generator().manual_seed(3),
+        engine="stacked",
+        resume=state,
+    )
+    next(resumed)
+    assert [float(s["step"]) for s in optimizers[0].state.values()][0] == done + every
+    _, ref_models, ref_optimizers = _wide_run()
+    _replay(ref_models, ref_optimizers, data, done + every, 4, seed=3)
+    _assert_same(models, optimizers, ref_models, ref_optimizers)
+
+
+def test_running_window_reports_progress_inside_a_stacked_window():
+    import threading
+    import time
+
+    from hotloop._shared import running_window
+
+    data, models, optimizers = _wide_run()
+    steps = 3000
+    stream = fit_many(data, models, optimizers, nn.MSELoss(), batch_size=4, every=steps, engine="stacked")
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            window = running_window()
+            if window is not None:
+                seen.append(window)
+            time.sleep(0.002)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    event = next(stream)
+    done.set()
+    poller.join()
+    assert event["updates"] == [steps] * len(models)
+    assert running_window() is None
+    assert seen, "the poller never saw the window running"
+    assert all(planned == steps and 0 <= n <= steps for n, planned in seen)
+    assert any(0 < n < steps for n, _ in seen)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+
+
+def _bn_models(k: int) -> list[nn.Module]:
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+        with torch.no_grad():
+            model[1].running_mean.normal_()
+            model[1].running_var.uniform_(0.5, 2.0)
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("use_subsets", [False, True], ids=["shared", "subsets"])
+def test_evaluate_many_runs_natively_and_sees_new_weights(use_subsets):
+    # no SlowPathWarning: the stacked forward is captured and run by the C++ evaluator; each model in eval
+    # mode (BatchNorm's running statistics), batches of 4 with a remainder, values read again after the
+    # weights change in place
+    x, y = _data()
+    models = _bn_models(4)
+    _, val = kfold(N, 4, torch.Generator().manual_seed(0))
+    subsets = val if use_subsets else None
+    stage = hotloop.validation_loss_many((x, y), nn.MSELoss(), subsets=subsets, batch_size=4)
+
+    def expected() -> list[float]:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            sets = val if use_subsets else [torch.arange(N)] * 4
+            values = [nn.MSELoss()(m(x[v]), y[v]).item() for m, v in zip(models, sets, strict=True)]
+        for m in models:
+            m.train()
+        return values
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
+        first = stage({"model": models})["val_loss"]
+        assert first == pytest.approx(expected(), rel=1e-5)
+        with torch.no_grad():
+            for k, m in enumerate(models):
+                m[0].weight.add_(0.1 * (k + 1))
+                m[1].running_mean.add_(0.5)
+        second = stage({"model": models})["val_loss"]
+    assert second == pytest.approx(expected(), rel=1e-5)
+    assert second != first
+    assert all(m.training for m in models)
+
+
+def test_evaluate_many_metric_reading_values_in_python_falls_back_with_the_reason():
+    x, y = _data()
+    models, _ = _setup("sgd", 3)
+
+    def worst(pred, labels):
+        return torch.tensor(float((pred - labels).abs().max().item()))
+
+    with pytest.warns(SlowPathWarning, match="eagerly"):
+        values = hotloop.evaluate_many((x, y), metrics={"worst": worst})({"model": models})["worst"]
+    with torch.no_grad():
+        assert values == pytest.approx([worst(m(x), y).item() for m in models], rel=1e-6)

@@ -138,6 +138,71 @@ class NativeStep(DeviceStep):
     @property
     def optimizer(self) -> NativeOptimizer: ...
 
+class ManyStep(DeviceStep):
+    """fit_many's stacked step: the window's batch indices, the stacked joint graph, the update."""
+
+    def __init__(
+        self,
+        step_graphs: Sequence[tuple[int, OpGraph]],
+        step_inputs: Sequence[torch.Tensor],
+        index_slot: int,
+        applied: torch.Tensor,
+        guard: bool,
+        raise_on_nonfinite: bool,
+    ) -> None: ...
+    def set_updates(
+        self,
+        update_all: OpGraph,
+        all_inputs: Sequence[torch.Tensor],
+        update_rows: OpGraph,
+        rows_inputs: Sequence[torch.Tensor],
+        fresh: torch.Tensor | None,
+        needs_fresh: torch.Tensor | None,
+    ) -> None: ...
+    def set_window(
+        self,
+        indices: Sequence[torch.Tensor],
+        taking: Sequence[torch.Tensor | None],
+        active: Sequence[bool],
+    ) -> None: ...
+    def set_row_optimizer(self, optimizer: RowOptimizer | None) -> None: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def active(self) -> list[bool]: ...
+    @property
+    def nonfinite_steps(self) -> list[int]: ...
+    @property
+    def raised_model(self) -> int: ...
+    @property
+    def raised_step(self) -> int: ...
+
+class RowOptimizer:
+    """fit_many's fused update over flat ``[K, P]`` rows with per-model hyperparameters."""
+
+    def __init__(
+        self,
+        kind: str,
+        param: torch.Tensor,
+        last_grad: torch.Tensor,
+        state: Sequence[torch.Tensor],
+        maximize: bool,
+        nesterov: bool,
+        amsgrad: bool,
+        decoupled: bool,
+    ) -> None: ...
+    def set_hypers(
+        self,
+        lr: Sequence[float],
+        weight_decay: Sequence[float],
+        momentum: Sequence[float],
+        dampening: Sequence[float],
+        beta1: Sequence[float],
+        beta2: Sequence[float],
+        eps: Sequence[float],
+    ) -> None: ...
+    def step(self, grad: torch.Tensor, on: Sequence[bool]) -> None: ...
+
 class OptimizerGroup:
     params: list[torch.Tensor]
     grad_index: list[int]

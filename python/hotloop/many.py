@@ -1,26 +1,30 @@
 """fit_many(): K models of one architecture trained in one stacked loop (seeds, sweeps, ensembles,
 cross-validation), with events carrying per-model values as lists of K.
 
-The stacked path captures one ``vmap``-ed joint graph per batch size (``many_capture``), runs it with the
-C++ ``OpGraph`` and updates all models in one pass over flat ``[K, P]`` tensors (``many_optim``). What cannot
-be stacked falls back to K ``fit`` runs in lock-step, with a SlowPathWarning saying why.
+The stacked path captures one ``vmap``-ed joint graph per batch size (``many_capture``) and updates all
+models in one pass over flat ``[K, P]`` tensors (``many_optim``); the C++ ``Loop`` runs a window's steps
+through a ``_C.ManyStep`` with the GIL released, Python only planning each run's batch indices between runs.
+What cannot be stacked falls back to K ``fit`` runs in lock-step, with a SlowPathWarning saying why.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import _checks as check
-from ._shared import CaptureError, SlowPathWarning
+from ._native import _C
+from ._shared import CaptureError, SlowPathWarning, enter_window, leave_window
 from .events import Event
-from .fit import FitStream, NonFiniteLossError, fit
+from .fit import FitStream, NonFiniteLossError, _interrupt_at_step_boundary, fit
 from .many_capture import StackedModels, TrainStep, architecture_reason, capture, stack
 from .many_optim import StackedOptimizer
 from .many_optim import refusal_reason as optimizer_reason
@@ -28,6 +32,9 @@ from .many_optim import refusal_reason as optimizer_reason
 STATE_VERSION = 1
 ORDERS = ("shared", "independent")
 ON_NONFINITE = ("freeze", "raise", "continue")
+# With every=N the C++ loop runs the window in runs of about this many steps (whole epochs when longer), so
+# a long window's batch indices are never all built at once; Python plans the next run in between.
+_RUN_STEPS = 2048
 
 
 class ModelList(list):  # type: ignore[type-arg]
@@ -306,6 +313,17 @@ def _lr(optimizer: torch.optim.Optimizer) -> Any:
 # -- the stacked path -------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Segment:
+    """A run of a window's steps within one epoch's schedule."""
+
+    orders: list[torch.Tensor] | None
+    schedule: list[tuple[torch.Tensor, torch.Tensor | None, int]]
+    start: int
+    count: int
+    drawn_from: list[torch.Tensor] | None  # generator states before the window drew this epoch's order
+
+
 class _Stacked:
     """K models trained as one: the epoch schedule, the stacked graphs and the fused update."""
 
@@ -348,7 +366,22 @@ class _Stacked:
         )
         if plan.resume is not None:
             self._restore_position(plan.resume)
+        self.step_runner = _C.ManyStep(
+            sorted(self.stacked.graphs.items(), reverse=True),
+            self.train.inputs,
+            self.train.idx_slot,
+            self.train.steps,
+            self.guard,
+            plan.on_nonfinite == "raise",
+        )
+        row_optimizer = self.optimizer.make_row_optimizer(self.train.last_grad)
+        if row_optimizer is not None:
+            self.step_runner.set_row_optimizer(row_optimizer)
+        # the Loop's dataset is not read: the step graphs gather their own batches from the bound data
+        dataset = _C.Dataset(list(plan.train_data), plan.batch_size, False, False, None, False)
+        self.loop = _C.Loop(dataset, self.step_runner)
         self.released = False
+        self.grad_copy: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
         self.grad_views = [
             [
                 self.train.last_grad[k, a:b].view(p.shape)
@@ -429,7 +462,9 @@ class _Stacked:
                 taking = torch.tensor([j < len(c) and len(c[j]) == size for c in per_model])
                 rows = [c[j] if bool(taking[k]) else per_model[0][0][:size] for k, c in enumerate(per_model)]
                 rows = [r if len(r) == size else torch.zeros(size, dtype=torch.int64) for r in rows]
-                schedule.append((torch.stack(rows).to(device), None if bool(taking.all()) else taking, size))
+                schedule.append(
+                    (torch.stack(rows).to(device), None if bool(taking.all()) else taking.to(device), size)
+                )
         return schedule
 
     # -- control ---------------------------------------------------------------------------------------
@@ -481,65 +516,46 @@ class _Stacked:
 
     def _run_window(self) -> dict[str, Any]:
         plan, K = self.plan, self.K
-        stacked, optimizer, train = self.stacked, self.optimizer, self.train
+        stacked, optimizer, train, step = self.stacked, self.optimizer, self.train, self.step_runner
         stacked.check_unchanged(plan.models)
         stacked.bind()
         optimizer.bind()
         optimizer.begin_window()
         train.select_updates()
         train.reset_sums()
+        updates_before = list(self.updates)
+        step.set_updates(
+            train.update_all, train.all_inputs, train.update_rows, train.rows_inputs, *optimizer.fresh_rows()
+        )
         nonfinite: list[int | None] = [None] * K
         raised = None
-        updates_before = list(self.updates)
-        active_mask = torch.tensor(self.active).reshape(K, 1)
-        all_active = all(self.active)
-        fast = optimizer.fast_possible()
-        inputs, idx_slot, on_slot = train.inputs, train.idx_slot, train.on_slot
-        steps = 0
+        left = plan.every
+        steps, segments = self._plan_steps(left)
+        entry = enter_window(self.loop, left if left is not None else len(steps))
         try:
-            while plan.every is None or steps < plan.every:
-                if self.position >= len(self.schedule):
-                    self.orders = self._draw_orders()
-                    self.schedule = self._build_schedule(self.orders)
-                    self.position = 0
-                idx, taking, size = self.schedule[self.position]
-                self.position += 1
-                steps += 1
-                rows = active_mask if taking is None else active_mask & taking.reshape(K, 1)
-                every_row = all_active if taking is None else bool(rows.all())
-                inputs[idx_slot] = idx
-                inputs[on_slot] = rows
-                grad, finite = stacked.graphs[size](inputs)
-                all_finite = not self.guard or bool(finite.all())
-                if every_row and all_finite and fast:
-                    train.all_inputs[1] = grad
-                    train.update_all(train.all_inputs)
-                else:
-                    if not all_finite:
-                        bad = (~finite).reshape(K, 1) & rows
-                        if bool(bad.any()):
-                            taken = [u + n for u, n in zip(updates_before, train.steps.tolist(), strict=True)]
-                            if plan.on_nonfinite == "raise":
-                                first = int(bad.flatten().nonzero()[0])
-                                raised = (first, taken[first] + 1)
-                                break
-                            for k in bad.flatten().nonzero().flatten().tolist():
-                                nonfinite[k] = taken[k] + 1
-                                self.active[k] = False
-                            active_mask = torch.tensor(self.active).reshape(K, 1)
-                            all_active = False
-                            rows = rows & ~bad
-                    if bool(rows.any()):
-                        train.rows_inputs[1] = grad
-                        train.rows_inputs[2] = rows
-                        train.update_rows(train.rows_inputs)
-                        fast = optimizer.fast_possible()
-                if self.position >= len(self.schedule):
-                    self.epochs_completed += 1
-                    self.orders, self.schedule, self.position = None, [], 0
-                    if plan.every is None:
+            with _interrupt_at_step_boundary(self.loop):
+                while True:
+                    step.set_window([s[0] for s in steps], [s[1] for s in steps], self.active)
+                    try:
+                        self.loop.run(len(steps), False)
+                    finally:
+                        self._settle_window(segments, step.position)
+                        self.active = list(step.active)
+                        for k, bad in enumerate(step.nonfinite_steps):
+                            if bad >= 0 and nonfinite[k] is None:
+                                nonfinite[k] = updates_before[k] + bad
+                    if step.raised_model >= 0:
+                        k = step.raised_model
+                        raised = (k, updates_before[k] + step.raised_step)
                         break
+                    if left is None or not any(self.active):
+                        break
+                    left -= len(steps)
+                    if left == 0:
+                        break
+                    steps, segments = self._plan_steps(left)
         finally:
+            leave_window(entry)
             self._end_window(updates_before)
         return {
             "loss": train.loss_sum,
@@ -549,23 +565,93 @@ class _Stacked:
             "raise": raised,
         }
 
+    def _plan_steps(self, limit: int | None) -> tuple[list[Any], list[_Segment]]:
+        """The next run of the C++ loop: the rest of the epoch (``limit`` None), else up to ``limit`` steps,
+        in runs of about ``_RUN_STEPS`` (Python plans the next run between them), drawing each epoch's
+        order when the run reaches it; the segments settle the data position afterwards."""
+        steps: list[Any] = []
+        segments: list[_Segment] = []
+        while limit is None or len(steps) < min(limit, _RUN_STEPS):
+            drawn_from = None
+            if self.position >= len(self.schedule):
+                drawn_from = self._generator_states()
+                self.orders = self._draw_orders()
+                self.schedule = self._build_schedule(self.orders)
+                self.position = 0
+            start, left = self.position, len(self.schedule) - self.position
+            count = left if limit is None else min(limit - len(steps), left)
+            steps.extend(self.schedule[start : start + count])
+            segments.append(_Segment(self.orders, self.schedule, start, count, drawn_from))
+            self.position = start + count
+            if limit is None:
+                break
+        return steps, segments
+
+    def _settle_window(self, segments: list[_Segment], ran: int) -> None:
+        """The data position after ``ran`` of the run's steps (all of them, or fewer after Ctrl-C or a
+        raised non-finite loss): an epoch the run drew but never reached gives its draw back."""
+        for i, segment in enumerate(segments):
+            if ran == 0 and segment.drawn_from is not None:
+                self._set_generator_states(segment.drawn_from)
+                self.orders, self.schedule, self.position = None, [], 0
+                return
+            taken = min(ran, segment.count)
+            ran -= taken
+            self.orders, self.schedule = segment.orders, segment.schedule
+            self.position = segment.start + taken
+            if self.position >= len(self.schedule):
+                self.epochs_completed += 1
+                self.orders, self.schedule, self.position = None, [], 0
+            if taken < segment.count:
+                unreached = [s.drawn_from for s in segments[i + 1 :] if s.drawn_from is not None]
+                if unreached:
+                    self._set_generator_states(unreached[0])
+                return
+
+    def _generators(self) -> list[torch.Generator]:
+        """The generators an epoch's draw moves (the per-model copies only for shared subsets)."""
+        copies = self.copies if self.per_model and self.plan.order == "shared" else []
+        unique: dict[int, torch.Generator] = {}
+        for g in [*self.plan.generators, self.shared_source, *copies]:
+            if g is not None:
+                unique.setdefault(id(g), g)
+        return list(unique.values())
+
+    def _generator_states(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self._generators()]
+
+    def _set_generator_states(self, states: list[torch.Tensor]) -> None:
+        for g, state in zip(self._generators(), states, strict=True):
+            g.set_state(state)
+
     def _end_window(self, updates_before: list[int]) -> None:
         self.updates = [u + n for u, n in zip(updates_before, self.train.steps.tolist(), strict=True)]
         self.optimizer.store([u > 0 for u in self.updates])
         # .grad as a plain loop leaves it: the last applied step's gradient, in the parameter's own tensor
         # (a view of the stacked gradient would trip torch's tensor teardown check)
-        destinations, sources = [], []
-        for k in range(self.K):
-            if self.updates[k] == updates_before[k]:
-                continue
+        stepped = [k for k in range(self.K) if self.updates[k] != updates_before[k]]
+        if not stepped:
+            return
+        cached = self.grad_copy
+        if len(stepped) == self.K and cached is not None:
+            params, destinations, sources = cached
+            if all(map(operator.is_, [p.grad for p in params], destinations)):
+                with torch.no_grad():
+                    torch._foreach_copy_(destinations, sources)
+                return
+        params, destinations, sources = [], [], []
+        for k in stepped:
             for p, view in zip(self.stacked.user_train[k], self.grad_views[k], strict=True):
                 if p.grad is None or p.grad.shape != p.shape:
                     p.grad = torch.empty_like(p)
+                params.append(p)
                 destinations.append(p.grad)
                 sources.append(view)
-        if destinations:
-            with torch.no_grad():
-                torch._foreach_copy_(destinations, sources)
+        with torch.no_grad():
+            torch._foreach_copy_(destinations, sources)
+        # the lists of a window where every model stepped serve the next such window while the .grad
+        # tensors are still the ones they name
+        self.grad_copy = (params, destinations, sources) if len(stepped) == self.K else None
 
     def release(self) -> None:
         """The user's tensors (parameters, buffers, optimizer state) stop being views of the
@@ -573,6 +659,7 @@ class _Stacked:
         if self.released:
             return
         self.released = True
+        self.loop = self.step_runner = None
         self.stacked.unbind()
         self.optimizer.unbind()
 

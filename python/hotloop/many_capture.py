@@ -337,7 +337,12 @@ def capture(
                 flat[:, a:b].view(K, *shape) for (a, b), shape in zip(stacked.offsets, shapes, strict=True)
             ]
             batch = [t[index] if per_model_batch else t.index_select(0, index) for t in data]
+            # the forward updates every model's buffers (BatchNorm's running statistics): a model that sits
+            # the step out (frozen, or out of batches) gets its own back, as its plain loop runs no forward
+            before = [s.clone() for s in state]
             outputs = joint(params, state, *batch)
+            for s, old in zip(state, before, strict=True):
+                s.copy_(torch.where(on.reshape(K, *([1] * (s.dim() - 1))), s, old))
             n = len(params)
             losses = outputs[n]
             grad = torch.cat([g.reshape(K, -1) for g in outputs[:n]], dim=1)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ._native import _C
+
 # torch.optim classes and the options that must be equal across the K optimizers (flags that change the
 # op sequence); the numeric hyperparameters may differ per model.
 _FLAGS = {
@@ -82,6 +84,9 @@ class StackedOptimizer:
             self.max_exp_avg_sq = torch.zeros_like(flat) if self.amsgrad else None
             self.steps = torch.zeros(self.K, 1, dtype=torch.float64)
         self.single_group = all(len(o.param_groups) == 1 for o in self.optimizers)
+        # as fit's native optimizers: the fused kernel only for optimizers the user built fused=True
+        self.fused = all(bool(g.get("fused")) for o in self.optimizers for g in o.param_groups)
+        self.row_optimizer: Any = None
         self.hypers = self._read_hypers()
         if self.kind is torch.optim.SGD:
             self.state = {"buf": self.buf, "fresh": self.fresh}
@@ -155,6 +160,37 @@ class StackedOptimizer:
         self.use_wd = bool((self.hypers["weight_decay"] != 0).any())
         for key, value in self._weights().items():
             self.weights[key].copy_(value)
+        if self.row_optimizer is not None:
+            h = {key: value[:, 0].tolist() for key, value in self.hypers.items()}
+            none = [0.0] * self.K
+            self.row_optimizer.set_hypers(
+                h["lr"],
+                h["weight_decay"],
+                h.get("momentum", none),
+                h.get("dampening", none),
+                h.get("beta1", none),
+                h.get("beta2", none),
+                h.get("eps", none),
+            )
+
+    def make_row_optimizer(self, last_grad: torch.Tensor) -> Any:
+        """The fused per-row update (``_C.RowOptimizer``) when every optimizer was built ``fused=True``,
+        each with one param group, on the CPU; else None (the traced op-for-op update graphs)."""
+        if not (self.fused and self.single_group and self.flat.device.type == "cpu"):
+            return None
+        if self.kind is torch.optim.SGD:
+            kind, state = "sgd", [self.buf, self.fresh]
+            nesterov, amsgrad, decoupled = self.nesterov, False, False
+        else:
+            kind, state = "adam", [self.exp_avg, self.exp_avg_sq, self.steps]
+            if self.amsgrad:
+                state.append(self.max_exp_avg_sq)
+            nesterov, amsgrad, decoupled = False, self.amsgrad, self.decoupled
+        self.row_optimizer = _C.RowOptimizer(
+            kind, self.flat, last_grad, state, self.maximize, nesterov, amsgrad, decoupled
+        )
+        self._hyper_key = None  # the next begin_window hands it the hyperparameters
+        return self.row_optimizer
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """The per-window constants of the unmasked update, in the dtype each op uses."""
@@ -182,12 +218,13 @@ class StackedOptimizer:
         """What :meth:`update_all` reads and writes besides the parameters and gradient, in its order."""
         return [*self.state.values(), *self.weights.values()]
 
-    def fast_possible(self) -> bool:
-        """Whether :meth:`update_all` stands for :meth:`update` with every row on: not while an SGD model
-        with momentum has yet to create its buffer."""
+    def fresh_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(fresh, needs_fresh)``: :meth:`update_all` stands for :meth:`update` with every row on unless
+        a row of ``fresh`` (SGD: no momentum buffer yet, updated by the traced update) is set where
+        ``needs_fresh`` is (the model has momentum); ``(None, None)`` when it always does."""
         if self.kind is not torch.optim.SGD:
-            return True
-        return not bool((self.fresh & (self.hypers["momentum"] != 0).any(dim=1, keepdim=True)).any())
+            return None, None
+        return self.fresh, (self.hypers["momentum"] != 0).any(dim=1, keepdim=True)
 
     def update_all(self, param: torch.Tensor, grad: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         """:meth:`update` with every row on, without the masks (the common step), traced likewise."""

@@ -1,5 +1,6 @@
 """Stream stages for fit_many's events, whose ``model`` is a list of K models: per-model validation in one
-stacked (vmap) pass, per-model early stopping that freezes each model alone, and per-model best states."""
+stacked (vmap) pass (native via ``many_eval``), per-model early stopping that freezes each model alone, and
+per-model best states."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from . import _checks as check
 from .fidelity import refusal_reason
+from .many_eval import ManyEvaluation
 from .metrics import resolve_metrics
 
 
@@ -28,11 +30,13 @@ def evaluate_many(
     """An ``augment`` callback for :func:`fit_many` streams adding, per metric key, a list with each model's
     value on ``val_data`` (or on its own ``val_data[subsets[k]]``, e.g. :func:`kfold`'s held-out folds).
 
-    All K models are scored in one stacked ``vmap`` pass per batch (eagerly, without gradients, in eval
-    mode; modes restored afterwards); all metrics share the forward. A metric is a function ``(pred,
-    labels)`` (``(pred)`` without labels) returning a batch mean, or a built-in name (``"accuracy"``). With
-    ``batch_size`` each model's value is the sample-weighted mean over its batches; without, one batch per
-    model. Models that cannot be stacked (hooks, differing architectures) are scored one after another.
+    All K models are scored in one stacked ``vmap`` pass per batch, without gradients, in eval mode (modes
+    restored afterwards): natively (captured once, run by the C++ evaluator) when the forward and metrics can
+    be captured, else eagerly with a SlowPathWarning saying why; all metrics share the forward. A metric
+    is a function ``(pred, labels)`` (``(pred)`` without labels) returning a batch mean, or a built-in name
+    (``"accuracy"``). With ``batch_size`` each model's value is the sample-weighted mean over its batches;
+    without, one batch per model. Models that cannot be stacked (hooks, differing architectures) are scored
+    one after another.
     """
     tensors = check.check_tensors("val_data", val_data, last_label=last_label)
     resolved = resolve_metrics(dict(metrics), last_label=last_label)
@@ -48,17 +52,30 @@ def evaluate_many(
             if s.dim() != 1 or s.numel() == 0 or int(s.min()) < 0 or int(s.max()) >= n:
                 raise ValueError(f"subsets[{k}] must be a non-empty 1-D index tensor into val_data")
 
+    natives: dict[int, ManyEvaluation] = {}  # per K
+
     def compute(event: dict[str, Any]) -> dict[str, list[float]]:
         models = list(event["model"])
         K = len(models)
         if index_sets is not None and len(index_sets) != K:
             raise ValueError(f"evaluate_many has {len(index_sets)} subsets for {K} models")
+        if K not in natives:
+            sets = index_sets if index_sets is not None else [torch.arange(n)] * K
+            common = min(len(s) for s in sets)
+            natives[K] = ManyEvaluation(
+                tensors,
+                resolved,
+                index_sets=[s.to(tensors[0].device) for s in index_sets] if index_sets is not None else None,
+                common=common,
+                last_label=last_label,
+                batch_size=batch_size or common,
+            )
         modes = [(m, m.training) for model in models for m in model.modules()]
         try:
             for model in models:
                 model.eval()
             with torch.no_grad():
-                return _scores(models, tensors, resolved, index_sets, last_label, batch_size)
+                return _scores(models, tensors, resolved, index_sets, last_label, batch_size, natives[K])
         finally:
             for module, training in modes:
                 module.training = training
@@ -91,6 +108,7 @@ def _scores(
     index_sets: list[torch.Tensor] | None,
     last_label: bool,
     batch_size: int | None,
+    native: ManyEvaluation | None = None,
 ) -> dict[str, list[float]]:
     K, n = len(models), tensors[0].shape[0]
     device = tensors[0].device
@@ -110,7 +128,13 @@ def _scores(
         return torch.stack([v.reshape(()).to(torch.float64) for v in out])
 
     common = min(len(s) for s in sets) if stackable else 0
-    if common:
+    native_totals = native(models) if common and native is not None else None
+    if native_totals is not None:
+        totals += native_totals
+    elif native is not None:
+        # not captured: model by model (what stops the capture, such as .item() in a metric, stops vmap too)
+        common = 0
+    if common and native_totals is None:
         params, buffers = stack_module_state(models)
         base = models[0]
 
