@@ -141,6 +141,58 @@ def test_parity_with_k_plain_loops(kind, order, fused):
     assert events[-1]["lr"] == [o.param_groups[0]["lr"] for o in optimizers]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"kind": torch.optim.Adam, "amsgrad": True, "maximize": True},
+        {"kind": torch.optim.AdamW, "amsgrad": True},
+        {"kind": torch.optim.SGD, "momentum": 0.9, "nesterov": True, "maximize": True},
+    ],
+    ids=["adam-amsgrad-maximize", "adamw-amsgrad", "sgd-nesterov-maximize"],
+)
+def test_parity_with_optimizer_flags(options, fused):
+    options = dict(options)
+    kind = options.pop("kind")
+    x, y = _data()
+
+    def setup():
+        models = [_model(s) for s in range(4)]
+        extra = {"fused": True} if fused else {}
+        optimizers = [
+            kind(m.parameters(), lr=0.01 * (1 + k), weight_decay=0.01 * k, **options, **extra)
+            for k, m in enumerate(models)
+        ]
+        return models, optimizers
+
+    (models, optimizers), (ref_models, ref_optimizers) = setup(), setup()
+    stream = fit_many(
+        (x, y),
+        models,
+        optimizers,
+        lambda pred, target: (
+            -nn.functional.mse_loss(pred, target)
+            if options.get("maximize")
+            else nn.functional.mse_loss(pred, target)
+        ),
+        batch_size=16,
+        generator=torch.Generator().manual_seed(4),
+        engine="stacked",
+    )
+    for _ in range(2):
+        next(stream)
+    assert (stream._holder[0].optimizer.row_optimizer is not None) == fused
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        for idx in torch.randperm(N, generator=g).split(16):
+            for model, optimizer in zip(ref_models, ref_optimizers, strict=True):
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+                (-loss if options.get("maximize") else loss).backward()
+                optimizer.step()
+    _assert_same(models, optimizers, ref_models, ref_optimizers)
+
+
 def test_train_loss_is_each_models_window_mean():
     x, y = _data()
     models, optimizers = _setup("sgd", 3)
