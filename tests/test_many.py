@@ -287,6 +287,16 @@ def test_different_architectures_fall_back_to_sequential_fit_runs():
         next(fit_many((x, y), models, optimizers, nn.MSELoss(), batch_size=16, engine="stacked"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_models_on_cuda_run_as_sequential_fit_runs_saying_why():
+    x, y = (t.cuda() for t in _data())
+    models = [_model(k).cuda() for k in range(2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    with pytest.warns(SlowPathWarning, match="CPU only, the models are on cuda"):
+        event = next(fit_many((x, y), models, optimizers, nn.MSELoss(), batch_size=16))
+    assert event["engine"].startswith("sequential") and len(event["train_loss"]) == 2
+
+
 def test_sequential_equals_stacked():
     x, y = _data()
     a, oa = _setup("adam", 4)

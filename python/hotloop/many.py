@@ -280,6 +280,9 @@ def _plan(train_data: Any, models: Any, optimizers: Any, loss_fn: Any, options: 
 
 
 def _stack_reason(plan: _Plan) -> str | None:
+    if plan.device.type != "cpu":
+        # its fused rows and per-model sums are CPU code, and the stacked step has never run on a GPU
+        return f"the stacked step runs on the CPU only, the models are on {plan.device.type}"
     reason = architecture_reason(plan.models)
     if reason is not None:
         return reason
