@@ -1,5 +1,6 @@
 # Type stub for hotloop._C, the compiled extension (csrc/bindings.cpp). Keep in step with the bindings:
 # tests/test_native.py checks that every name the module exports appears here.
+import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -137,6 +138,31 @@ class NativeStep(DeviceStep):
     def steps(self) -> int: ...
     @property
     def optimizer(self) -> NativeOptimizer: ...
+
+class AotUpdate(enum.Enum):
+    SGD = ...
+    Adam = ...
+
+class AotStep(DeviceStep):
+    """Runs the AOTInductor package compiled for the batch size (forward, backward and update in one call)
+    on the user's tensors; other batch sizes run on the native step."""
+
+    def __init__(
+        self,
+        native: NativeStep,
+        params: Sequence[torch.Tensor],
+        buffers: Sequence[torch.Tensor],
+        update: AotUpdate,
+        state_lists: int,
+        num_metrics: int,
+    ) -> None: ...
+    def add_package(self, batch_size: int, path: str) -> None: ...
+    def clear_packages(self) -> None: ...
+    @property
+    def package_batch_sizes(self) -> list[int]: ...
+    def bind(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> None: ...
+    @property
+    def compiled_steps(self) -> int: ...
 
 class OptimizerGroup:
     params: list[torch.Tensor]

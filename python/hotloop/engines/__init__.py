@@ -6,12 +6,13 @@ import warnings
 
 from .._shared import CaptureError, SlowPathWarning
 from ..plan import Plan
+from .aot import AotEngine
 from .base import Engine, EngineRun
 from .cuda_graph import CudaGraphEngine
 from .native import NativeEngine
 from .python import PythonEngine, closure_step_required
 
-ENGINES: tuple[Engine, ...] = (CudaGraphEngine(), NativeEngine(), PythonEngine())
+ENGINES: tuple[Engine, ...] = (CudaGraphEngine(), AotEngine(), NativeEngine(), PythonEngine())
 
 __all__ = ["ENGINES", "Engine", "EngineRun", "choose_engine"]
 
@@ -42,5 +43,7 @@ def choose_engine(plan: Plan) -> EngineRun:
                 return run
         if plan.engine == engine.name:
             raise RuntimeError(f"engine={engine.name!r} cannot run this training step: {reason}")
-        reasons.append(f"the {engine.name} engine cannot run this training step: {reason}")
+        # the aot engine refuses what the native one refuses, which says it again
+        if engine.name != "aot":
+            reasons.append(f"the {engine.name} engine cannot run this training step: {reason}")
     raise AssertionError("the python engine always runs")  # pragma: no cover
