@@ -1,6 +1,5 @@
 # Type stub for hotloop._C, the compiled extension (csrc/bindings.cpp). Keep in step with the bindings:
 # tests/test_native.py checks that every name the module exports appears here.
-import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -139,9 +138,15 @@ class NativeStep(DeviceStep):
     @property
     def optimizer(self) -> NativeOptimizer: ...
 
-class AotUpdate(enum.Enum):
-    SGD = ...
-    Adam = ...
+class AotUpdate:
+    """The update an aot package was compiled with."""
+
+    SGD: AotUpdate
+    Adam: AotUpdate
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
 
 class AotStep(DeviceStep):
     """Runs the AOTInductor package compiled for the batch size (forward, backward and update in one call)
