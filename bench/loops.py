@@ -10,6 +10,8 @@ contender does not apply; any other exception is reported by the harness as the 
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -179,6 +181,24 @@ def hotloop_engine(engine: str, fused: bool = False) -> Callable[[Workload, Data
         return Runner(run, stream.close)
 
     return setup
+
+
+def cold_compile(setup: Callable[[Workload, Data, torch.device], Runner]):
+    """``setup`` with an empty aot package cache, so its setup time is the cold compile (never timed)."""
+
+    def cold(w: Workload, data: Data, device: torch.device) -> Runner:
+        saved = os.environ.get("HOTLOOP_CACHE_DIR")
+        with tempfile.TemporaryDirectory(prefix="hotloop-bench-") as cache:
+            os.environ["HOTLOOP_CACHE_DIR"] = cache
+            try:
+                return setup(w, data, device)  # the package stays loaded after its file is gone
+            finally:
+                if saved is None:
+                    del os.environ["HOTLOOP_CACHE_DIR"]
+                else:
+                    os.environ["HOTLOOP_CACHE_DIR"] = saved
+
+    return cold
 
 
 def graph_floor(w: Workload, data: Data, device: torch.device) -> Runner:
