@@ -367,6 +367,31 @@ def test_no_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path):
     assert_same_state(model, reference, rtol=RTOL, atol=1e-6)
 
 
+def test_background_compile_failure_keeps_native(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    # the child process's compiler is missing: its compile fails at once, the run warns and stays native
+    monkeypatch.setenv("HOTLOOP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HOTLOOP_AOT_AFTER", "0")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    x, y = data()
+    model, optimizer, reference, ref_optimizer = setup("sgd")
+    stream = fit((x, y), model, optimizer, nn.MSELoss(), batch_size=BATCH, every=7, shuffle=False)
+    events, deadline = [], time.monotonic() + 600  # a hang guard, not a timing check
+    with pytest.warns(
+        SlowPathWarning, match="keeps the native engine.*AOTInductor failed to compile"
+    ) as record:
+        while not any(issubclass(w.category, SlowPathWarning) for w in record):
+            assert time.monotonic() < deadline, "the background compile never ended"
+            time.sleep(0.05)
+            events.append(next(stream))
+    stream.close()
+    assert {e["engine"] for e in events} == {"native"}
+    plain_loop_losses(
+        (x, y), reference, ref_optimizer, nn.MSELoss(), batch_size=BATCH, steps=7 * len(events), shuffle=False
+    )
+    assert_same_state(model, reference, rtol=RTOL, atol=1e-6)
+    assert not list(tmp_path.rglob("*.pt2"))
+
+
 def test_compile_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path):
     monkeypatch.setenv("HOTLOOP_CACHE_DIR", str(tmp_path))
 

@@ -125,6 +125,8 @@ class _AotWindows:
         self.pending: tuple[Path, Any] | None = None  # (package path, the joint graph it was exported from)
         self.tried = False  # the background compile ran (or was refused): it is not tried again
         self.compile_seconds: float | None = None
+        self.log = Path()  # the background compile's stderr, once it runs
+        self.started = 0.0  # when it started
 
     # -- what the package is made from
 
@@ -218,14 +220,17 @@ class _AotWindows:
             path = aot_compile.cache_dir() / f"{key}.pt2"
             if not path.exists():
                 exported = aot_compile.export_step(joint, self.update, len(self.plan.metrics), inputs)
-                saved = Path(tempfile.mkdtemp(prefix="hotloop-aot-")) / "step.pt2"
+                folder = Path(tempfile.mkdtemp(prefix="hotloop-aot-"))
+                saved = folder / "step.pt2"
                 torch.export.save(exported, str(saved))
-                self.worker = subprocess.Popen(
-                    [sys.executable, "-m", "hotloop.aot_compile", str(saved), str(path)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                )
+                self.log = folder.with_suffix(".log")  # a file, not a pipe: a full pipe would stall the child
+                with open(self.log, "wb") as log:
+                    self.worker = subprocess.Popen(
+                        [sys.executable, "-m", "hotloop.aot_compile", str(saved), str(path)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                    )
                 self.started = time.perf_counter()
             self.pending = (path, (joint, batch))
         except CaptureError as exc:
@@ -238,7 +243,8 @@ class _AotWindows:
             code = self.worker.poll()
             if code is None:
                 return
-            stderr = self.worker.stderr.read().decode(errors="replace") if self.worker.stderr else ""
+            stderr = self.log.read_text(errors="replace") if self.log.exists() else ""
+            self.log.unlink(missing_ok=True)
             self.worker = None
             self.compile_seconds = time.perf_counter() - self.started
             if code != 0:
