@@ -430,3 +430,44 @@ def test_bad_compile_rule_is_named(monkeypatch: pytest.MonkeyPatch):
     model, optimizer, _, _ = setup("sgd")
     with pytest.raises(ValueError, match="HOTLOOP_AOT_AFTER"):
         next(fit((x, y), model, optimizer, nn.MSELoss(), batch_size=BATCH))
+
+
+FORWARD_CALLS: list[str] = []  # outside the model: hotloop puts its Python state back after a capture attempt
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: no engine but python can run it; logs its forward calls."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 1)
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        FORWARD_CALLS.append(self.name)
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)
+
+
+def test_auto_captures_once_when_the_native_capture_fails():
+    x, y = data()
+    plain = Branchy("plain")
+    next(
+        fit(
+            (x, y),
+            plain,
+            torch.optim.SGD(plain.parameters(), lr=0.1),
+            nn.MSELoss(),
+            batch_size=BATCH,
+            engine="python",
+        )
+    )
+    model = Branchy("auto")
+    with pytest.warns(SlowPathWarning) as record:
+        event = next(
+            fit((x, y), model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), batch_size=BATCH)
+        )
+    assert event["engine"] == "python"
+    # one capture attempt (its trace stops at the branch), not one per engine that tried
+    assert FORWARD_CALLS.count("auto") == FORWARD_CALLS.count("plain") + 1
+    (message,) = [str(w.message) for w in record if issubclass(w.category, SlowPathWarning)]
+    assert message.count("engine cannot run") == 1 and "native engine" in message and "aot" not in message

@@ -59,6 +59,7 @@ def compile_after() -> float | None:
 class AotEngine:
     name = "aot"
     auto_devices = ("cpu",)
+    wraps = "native"  # its run is the native engine's, with the step wrapped
 
     def refuse(self, plan: Plan) -> str | None:
         if plan.device.type != "cpu":
@@ -95,8 +96,7 @@ class AotEngine:
 
 
 def _update_reason(plan: Plan) -> str | None:
-    params = [p for p in plan.module.parameters() if p.requires_grad]
-    return aot_compile.update_of(plan.optimizer, params)[1]
+    return aot_compile.update_of(plan.optimizer, _tensors(plan)[0])[1]
 
 
 class _AotWindows:
