@@ -424,6 +424,22 @@ def test_refusals_name_the_cause():
     assert event["engine"] == "native"
 
 
+def test_auto_keeps_convolutions_native(monkeypatch: pytest.MonkeyPatch):
+    # a rule: the compiled CPU step of a CNN ran slower than the native one, so auto never compiles it
+    monkeypatch.setenv("HOTLOOP_AOT_AFTER", "0")
+    monkeypatch.setattr(aot_compile, "compiler_missing", lambda: "no C++ compiler was found (simulated)")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(28, 1))
+    x, y = torch.randn(64, 1, 16), torch.randn(64, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)  # the would-be compile is never tried
+        events = run(
+            fit((x, y), model, torch.optim.Adam(model.parameters()), nn.MSELoss(), batch_size=BATCH), 2
+        )
+    assert [e["engine"] for e in events] == ["native", "native"]
+    assert "Conv1d" in (aot_compile.slower_compiled(model) or "")
+
+
 def test_bad_compile_rule_is_named(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HOTLOOP_AOT_AFTER", "soon")
     x, y = data()

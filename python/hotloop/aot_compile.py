@@ -114,6 +114,30 @@ def update_of(optimizer: Optimizer, params: Sequence[torch.Tensor]) -> tuple[Upd
     ), None
 
 
+# Layers whose compiled CPU kernels ran slower than the native engine's (bench/, the CNN workload: 10.5 ms
+# per step against 7.7): engine="auto" keeps such models native. A rule, never a measurement, so which
+# engine runs cannot depend on the machine's load.
+_SLOWER_COMPILED = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def slower_compiled(model: nn.Module) -> str | None:
+    """Why ``engine="auto"`` does not compile ``model``'s step (it would run slower), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, _SLOWER_COMPILED):
+            return (
+                f"the model has a {type(module).__name__} ({name or 'the model'}), whose compiled CPU step "
+                "ran slower than the native one; pass engine='aot' to compile it anyway"
+            )
+    return None
+
+
 def random_reason(gm: fx.GraphModule) -> str | None:
     """Why the graph cannot be compiled faithfully: Inductor draws random numbers its own way, not eager's."""
     for node in gm.graph.nodes:

@@ -82,6 +82,8 @@ class AotEngine:
             if plan.engine == "aot":
                 raise CaptureError(reason)
             return native  # auto: nothing to compile; the native engine as it is
+        if plan.engine == "auto" and aot_compile.slower_compiled(plan.module) is not None:
+            return native
         try:
             windows = _AotWindows(plan, native, update)
         except TypeError:  # the native engine's step is not one the aot step can wrap
