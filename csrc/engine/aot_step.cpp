@@ -165,8 +165,9 @@ void AotStep::begin_window(bool guard_nonfinite) {
   guard_ = guard_nonfinite;
   account_.begin(guard_nonfinite);
   last_grads_.clear();
-  collect_state();
   inputs_.clear();
+  if (packages_.empty()) return;  // a native window: the optimizer need not fit a package
+  collect_state();
   inputs_.insert(inputs_.end(), params_.begin(), params_.end());
   inputs_.insert(inputs_.end(), buffers_.begin(), buffers_.end());
   inputs_.insert(inputs_.end(), state_.begin(), state_.end());
