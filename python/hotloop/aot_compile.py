@@ -235,15 +235,20 @@ def cache_key(joint: fx.GraphModule, update: Update, num_metrics: int, inputs: S
         digest.update(part.encode())
     for name, value in sorted(joint.state_dict(keep_vars=True).items()):
         digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(_bytes(value))
     for node in joint.graph.nodes:
         if node.op == "get_attr":
             value = getattr(joint, node.target, None)
             if isinstance(value, torch.Tensor):
-                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+                digest.update(_bytes(value))
     for t in inputs:
         digest.update(f"{tuple(t.shape)}{t.stride()}{t.dtype}{t.device.type}".encode())
     return digest.hexdigest()[:32]
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return f"{t.dtype}{tuple(t.shape)}".encode() + flat.view(torch.uint8).numpy().tobytes()
 
 
 def compiler_missing() -> str | None:
