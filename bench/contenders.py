@@ -40,6 +40,12 @@ CONTENDERS = [
         "fit(engine='native') with the optimizer built fused=True",
         ("native-fused",),
     ),
+    Contender(
+        "hotloop aot",
+        loops.cold_compile(loops.hotloop_engine("aot")),
+        "fit(engine='aot'): the whole step compiled by AOTInductor, run from C++ (cold compile: setup time)",
+        ("aot",),
+    ),
     Contender("hotloop python", loops.hotloop_engine("python"), "fit(engine='python'): Python step"),
     Contender(BASELINE, loops.eager, "fitstream's algorithm: randperm, tensor indexing, plain step"),
     Contender(FUSED, loops.eager_fused, "the eager loop, optimizer built with fused=True", ("eager-fused",)),

@@ -4,6 +4,7 @@
 #include <torch/python.h>
 
 #include "data/dataset.h"
+#include "engine/aot_step.h"
 #include "engine/evaluator.h"
 #include "engine/interrupt.h"
 #include "engine/loop.h"
@@ -182,6 +183,20 @@ PYBIND11_MODULE(_C, m) {
           py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"), py::arg("beta1"),
           py::arg("beta2"), py::arg("eps"))
       .def("step", &RowOptimizer::step, py::arg("grad"), py::arg("on"), py::call_guard<py::gil_scoped_release>());
+
+  // The aot engine: packages compiled by hotloop.aot_compile, the native step for the other batch sizes.
+  py::enum_<AotUpdate>(m, "AotUpdate").value("SGD", AotUpdate::SGD).value("Adam", AotUpdate::Adam);
+  py::class_<AotStep, DeviceStep, std::shared_ptr<AotStep>>(m, "AotStep")
+      .def(py::init<std::shared_ptr<NativeStep>, std::vector<at::Tensor>, std::vector<at::Tensor>, AotUpdate, int64_t,
+                    int64_t>(),
+           py::arg("native"), py::arg("params"), py::arg("buffers"), py::arg("update"), py::arg("state_lists"),
+           py::arg("num_metrics"))
+      .def("add_package", &AotStep::add_package, py::arg("batch_size"), py::arg("path"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("clear_packages", &AotStep::clear_packages)
+      .def_property_readonly("package_batch_sizes", &AotStep::package_batch_sizes)
+      .def("bind", &AotStep::bind, py::arg("params"), py::arg("buffers"))
+      .def_property_readonly("compiled_steps", &AotStep::compiled_steps);
 
   // Native optimizers: hotloop.optim builds them and configures them at every window boundary.
   py::class_<OptimizerGroup>(m, "OptimizerGroup")

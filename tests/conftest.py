@@ -98,6 +98,17 @@ def assert_same_optimizer_state(
                 assert value == other, name
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_aot_compiles(tmp_path_factory: pytest.TempPathFactory):
+    """engine="auto" compiles nothing in the suite and finds no package a developer's runs cached
+    (tests/test_aot.py sets its own cache and rule)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HOTLOOP_CACHE_DIR", str(tmp_path_factory.mktemp("hotloop-cache")))
+    patch.setenv("HOTLOOP_AOT_AFTER", "never")
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def twin() -> Callable[[nn.Module], nn.Module]:
     """Deep copy of a freshly built model, so hotloop and the plain loop start from identical weights."""

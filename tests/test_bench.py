@@ -218,6 +218,7 @@ def test_select_rejects_unknown_names():
         "hotloop graph",
         "hotloop native",
         "hotloop native, fused optimizer",
+        "hotloop aot",
         "hotloop python",
     ]
     with pytest.raises(ValueError, match="unknown contender"):

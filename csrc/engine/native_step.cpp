@@ -99,8 +99,9 @@ void NativeStep::begin_window(bool guard_nonfinite) {
   for (size_t i = 0; i < params_.size(); ++i) had_grad_[i] = params_[i].grad().defined();
 }
 
-StepOutcome NativeStep::run(Dataset& data) {
-  const auto batch = data.next_batch();
+StepOutcome NativeStep::run(Dataset& data) { return run_batch(data.next_batch()); }
+
+StepOutcome NativeStep::run_batch(const std::vector<at::Tensor>& batch) {
   StepOutcome outcome;
   outcome.samples = batch.front().size(0);
   outcome.rejected = !train(batch);

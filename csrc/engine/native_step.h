@@ -36,6 +36,8 @@ class NativeStep final : public DeviceStep {
   void begin_window(bool guard_nonfinite) override;
   StepOutcome run(Dataset& data) override;
   WindowTotals end_window() override;
+  // One step on a batch gathered by another step (the aot step runs here the batch sizes it has no package for).
+  StepOutcome run_batch(const std::vector<at::Tensor>& batch);
 
   // Points the graphs at new parameter and state tensors of the same shapes (the model replaced some).
   void bind(std::vector<at::Tensor> params, std::vector<at::Tensor> state);

@@ -4,6 +4,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
+
 namespace hotloop {
 
 void NativeOptimizer::configure(std::vector<OptimizerGroup> groups, int64_t num_grads) {
@@ -105,6 +107,14 @@ void NativeOptimizer::step(const std::vector<at::Tensor>& grads, const at::Tenso
   if (!touched.empty()) {
     const at::Tensor skip = found_inf.reshape({}).ne(0);
     for (size_t k = 0; k < touched.size(); ++k) touched[k].copy_(at::where(skip, saved[k], touched[k]));
+  }
+  ++steps_in_window_;
+}
+
+void NativeOptimizer::record_step() {
+  for (OptimizerGroup& group : groups_) {
+    increment_steps(group.steps);
+    if (group.momentum != 0.0) std::fill(group.buffer_is_new.begin(), group.buffer_is_new.end(), false);
   }
   ++steps_in_window_;
 }

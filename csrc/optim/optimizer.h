@@ -82,6 +82,10 @@ class NativeOptimizer {
   // step count and off the step counters kept on the host.
   void settle_window(int64_t skipped);
 
+  // A step whose update ran elsewhere on these groups' state (the aot engine's compiled step): counts it as
+  // step() would, advancing the step tensors, SGD's first-step flags and the window's step count.
+  void record_step();
+
   // Whether step() can take a found_inf (SGD, Adam and AdamW; the other optimizers' states are not undone).
   virtual bool skips_on_device() const { return false; }
 

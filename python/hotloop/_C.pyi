@@ -203,6 +203,37 @@ class RowOptimizer:
     ) -> None: ...
     def step(self, grad: torch.Tensor, on: Sequence[bool]) -> None: ...
 
+class AotUpdate:
+    """The update an aot package was compiled with."""
+
+    SGD: AotUpdate
+    Adam: AotUpdate
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class AotStep(DeviceStep):
+    """Runs the AOTInductor package compiled for the batch size (forward, backward and update in one call)
+    on the user's tensors; other batch sizes run on the native step."""
+
+    def __init__(
+        self,
+        native: NativeStep,
+        params: Sequence[torch.Tensor],
+        buffers: Sequence[torch.Tensor],
+        update: AotUpdate,
+        state_lists: int,
+        num_metrics: int,
+    ) -> None: ...
+    def add_package(self, batch_size: int, path: str) -> None: ...
+    def clear_packages(self) -> None: ...
+    @property
+    def package_batch_sizes(self) -> list[int]: ...
+    def bind(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> None: ...
+    @property
+    def compiled_steps(self) -> int: ...
+
 class OptimizerGroup:
     params: list[torch.Tensor]
     grad_index: list[int]

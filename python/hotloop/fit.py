@@ -122,7 +122,8 @@ def fit(
         step_offset: Added to the 1-based event index reported as ``step``.
         every: Yield every ``every`` optimizer steps (windows may cross epoch ends) instead of per epoch.
         drop_last: Skip the smaller last batch of each epoch.
-        engine: ``"auto"`` (fastest that works), ``"graph"``, ``"native"`` or ``"python"``.
+        engine: ``"auto"`` (fastest that works), ``"graph"``, ``"aot"`` (the whole step compiled by
+            AOTInductor, CPU), ``"native"`` or ``"python"``.
         device: Copy ``train_data`` to this device once before training (it must be the model's).
         metrics: Train metrics accumulated on the device during each window, as ``{event_key: metric}``;
             a metric is a built-in name (``"accuracy"``) or a function ``(pred, labels) -> batch mean``.

@@ -17,7 +17,7 @@ from . import _checks as check
 from . import distributed
 from .clipping import GradClip, check_clip
 
-ENGINE_NAMES = ("auto", "graph", "native", "python")
+ENGINE_NAMES = ("auto", "graph", "aot", "native", "python")
 STATE_VERSION = 1  # of FitStream.state_dict()
 # fit()'s defaults for the options a Plan keeps as they are (after checking them).
 OPTION_DEFAULTS: dict[str, Any] = {

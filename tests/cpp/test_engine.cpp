@@ -366,6 +366,34 @@ void row_optimizer_matches_per_row_reference() {
   }
 }
 
+// The aot step applies an update itself and then records it: the optimizer's counters move as after step().
+void recorded_step_counts_like_a_step() {
+  const auto start = at::randn({5});
+  const auto g1 = at::randn({5});
+  const auto g2 = at::randn({5});
+  auto stepped = start.clone();
+  auto reference = sgd(stepped, false, 0.1, 0.9);
+  reference->step({g1});
+  reference->step({g2});
+
+  auto recorded = start.clone();
+  auto optimizer = sgd(recorded, false, 0.1, 0.9);
+  optimizer->groups().front().momentum_buffers.front().copy_(g1);  // what the first step leaves
+  recorded.sub_(0.1 * g1);
+  optimizer->record_step();
+  EXPECT(optimizer->steps_in_window() == 1 && !optimizer->groups().front().buffer_is_new.front());
+  optimizer->step({g2});  // a second step: momentum from the recorded buffer, not a fresh one
+  EXPECT(close(recorded, stepped));
+
+  auto param = start.clone();
+  auto with_steps = adam(param, false, 0.01);
+  with_steps->record_step();
+  with_steps->record_step();
+  EXPECT(with_steps->steps_in_window() == 2);
+  EXPECT(with_steps->groups().front().steps.front().item<float>() == 2.0f);
+  EXPECT(same(param, start));  // recording updates nothing
+}
+
 int main() {
   const std::vector<std::pair<const char*, std::function<void()>>> tests = {
       {"op_graph_matches_aten", op_graph_matches_aten},
@@ -377,6 +405,7 @@ int main() {
       {"guard_on_the_device_equals_the_host_guard", guard_on_the_device_equals_the_host_guard},
       {"loop_stops_at_epoch_end_and_on_interrupt", loop_stops_at_epoch_end_and_on_interrupt},
       {"row_optimizer_matches_per_row_reference", row_optimizer_matches_per_row_reference},
+      {"recorded_step_counts_like_a_step", recorded_step_counts_like_a_step},
   };
   at::manual_seed(0);
   for (const auto& [name, test] : tests) {
