@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.func import grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import distributed
+from . import distributed, layouts
 from ._native import _C
 from ._shared import CaptureError, forward_and_loss, named_tensors
 from .clipping import GradClip
@@ -108,16 +108,23 @@ def _joint_step(
     metrics: Sequence[Callable[..., Any]] = (),
     gradients: Gradients = Gradients(),
     clipped: Sequence[int] = (),
+    channels_last: bool = False,
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``(params, state, *batch) -> (*grads, loss, *metrics)``: a training step's maths without the update.
 
     Gradients are accumulated over ``gradients``' micro-batches (the loss and metrics are their
     sample-weighted means), then clipped at the positions ``clipped`` (in the optimizer's order) as
     ``clip_grad_norm_``/``clip_grad_value_`` would between backward and step; a non-finite norm under
-    ``error_if_nonfinite`` turns the loss into NaN, so the non-finite guard refuses the step."""
+    ``error_if_nonfinite`` turns the loss into NaN, so the non-finite guard refuses the step. With
+    ``channels_last`` forward reads channels_last copies of the 4-D trainable parameters and batch
+    inputs (the same values; convolutions then run in that layout), and gradients flow back to the
+    parameters themselves."""
     clip, k = gradients.clip, gradients.accumulate
 
     def loss_of(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
+        if channels_last:
+            params = [layouts.to_channels_last(p, copy=True) for p in params]
+            batch = tuple(layouts.to_channels_last(t, copy=False) for t in batch)
         tensors = dict(zip(train_names, params, strict=True))
         tensors.update(zip(state_names, state, strict=True))
         # Forward and loss under one reparametrisation: a loss that reads the model's tensors (an L2
@@ -194,18 +201,22 @@ def trace_step(
     metrics: Sequence[Callable[..., Any]] = (),
     gradients: Gradients = Gradients(),
     data_parallel: distributed.Distributed | None = None,
+    channels_last: bool = False,
 ) -> fx.GraphModule:
     """The joint forward+backward graph of one training step on batches shaped like ``batch``.
 
     Placeholders are the trainable parameters, then frozen parameters and buffers, then the batch
     tensors; outputs are the gradient of each trainable parameter (accumulated and clipped as
     ``gradients`` says), the loss, then each train metric. With ``data_parallel`` (``model`` is the DDP
-    wrapper's module) DDP's collectives are traced in.
+    wrapper's module) DDP's collectives are traced in. With ``channels_last`` the graph runs its 4-D
+    tensors in that layout (its inputs and gradients keep the user's layout).
     """
     train_names, train, state_names, state = _split_parameters(model)
     position = {id(t): i for i, t in enumerate(train)}
     indices = [position[id(p)] for p in gradients.clipped if id(p) in position]
-    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics, gradients, indices)
+    joint = _joint_step(
+        model, loss_fn, last_label, train_names, state_names, metrics, gradients, indices, channels_last
+    )
     if data_parallel is not None:
         buffers = {name for name, _ in model.named_buffers()}
         positions = [i for i, name in enumerate(state_names) if name in buffers]
@@ -213,9 +224,11 @@ def trace_step(
     was_training = model.training
     model.train()
     try:
-        return make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(
-            list(train), list(state), *batch
-        )
+        traced = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)
+        gm = traced(list(train), list(state), *batch)
+        if channels_last:
+            layouts.match_layouts(gm)
+        return gm
     except CaptureError:
         raise
     except Exception as exc:  # any tracing failure is a reason to fall back, reported verbatim
@@ -616,6 +629,7 @@ def capture_step(
     metrics: Sequence[Callable[..., Any]] = (),
     gradients: Gradients = Gradients(),
     data_parallel: distributed.Distributed | None = None,
+    channels_last: bool = False,
 ) -> CapturedStep:
     """Capture and lower one graph per batch size in ``batches`` (real example batches), each checked
     against an eager autograd step of the user's own model on its example batch. Raises CaptureError with
@@ -653,6 +667,7 @@ def capture_step(
                 metrics=metrics,
                 gradients=gradients,
                 data_parallel=data_parallel,
+                channels_last=channels_last,
             )
         finally:
             snapshot.restore()
