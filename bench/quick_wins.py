@@ -105,10 +105,10 @@ def layout_contenders() -> list[Contender]:
 
 
 def thread_contenders() -> list[Contender]:
-    from hotloop.engines import native as native_engine
+    from hotloop import speed_rules
 
     def all_threads() -> contextlib.AbstractContextManager:
-        return patched(native_engine, "ONE_THREAD_BELOW", 0)
+        return patched(speed_rules, "ONE_THREAD_BELOW", 0)
 
     return [
         Contender("native, all threads", built_under(loops.hotloop_engine("native"), all_threads), ""),

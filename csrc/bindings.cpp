@@ -123,6 +123,7 @@ PYBIND11_MODULE(_C, m) {
       .def("bind", &NativeStep::bind, py::arg("params"), py::arg("state"))
       .def("set_accumulate", &NativeStep::set_accumulate, py::arg("accumulate"))
       .def("set_graphs", &NativeStep::set_graphs, py::arg("graphs"))
+      .def_property("window_threads", &NativeStep::window_threads, &NativeStep::set_window_threads)
       .def_property_readonly("steps", &NativeStep::steps)
       .def_property_readonly("optimizer", &NativeStep::optimizer);
 

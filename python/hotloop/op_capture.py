@@ -36,6 +36,7 @@ class CapturedStep:
     state: list[torch.Tensor]
     graphs: dict[int, Any] = field(default_factory=dict)  # batch size -> _C.OpGraph
     num_batch_inputs: int = 0
+    largest_tensor: int = 0  # elements of the largest tensor any graph reads or makes
 
     def refresh(self, model: nn.Module) -> bool:
         """Follow tensors the model replaced since capture (``module.weight = ...``, ``load_state_dict(...,
@@ -671,6 +672,7 @@ def capture_step(
             )
         finally:
             snapshot.restore()
+        captured.largest_tensor = max(captured.largest_tensor, _largest_tensor(gm))
         graph = lower(gm, num_inputs, protected=protected)
         verify(
             graph,
@@ -685,6 +687,16 @@ def capture_step(
         )
         captured.graphs[size] = graph
     return captured
+
+
+def _largest_tensor(gm: fx.GraphModule) -> int:
+    sizes = [
+        value.numel()
+        for node in gm.graph.nodes
+        for value in torch.utils._pytree.tree_leaves(node.meta.get("val"))
+        if isinstance(value, torch.Tensor)
+    ]
+    return max(sizes, default=0)
 
 
 def verify(

@@ -11,7 +11,7 @@ from .._shared import example_batches
 from ..clipping import stepped_params
 from ..fidelity import UserState
 from ..plan import Plan
-from ..speed_rules import channels_last_faster, slower_natively
+from ..speed_rules import channels_last_faster, one_thread_suffices, slower_natively
 from .base import EngineRun
 
 
@@ -80,7 +80,12 @@ class _NativeWindows:
             self._not_stepped(),
             handle,
         )
+        self._limit_threads(self.captured)
         self.settle: list[Callable[[int], None]] = []
+
+    def _limit_threads(self, captured: op_capture.CapturedStep) -> None:
+        tiny = one_thread_suffices(captured.largest_tensor, self.plan.device)
+        self.step.window_threads = 1 if tiny else 0
 
     def _capture(self) -> op_capture.CapturedStep:
         plan, data_parallel = self.plan, self.plan.data_parallel
@@ -138,6 +143,7 @@ class _NativeWindows:
                     f"capturing it again failed: {exc}"
                 ) from exc
             self.step.set_graphs(list(fresh.graphs.items()))
+            self._limit_threads(fresh)
             self.watched = UserState(plan.module, plan.loss_fn, tensors=False)
         self.step.set_accumulate(self._not_stepped())  # param groups may have been added
         schedule: dict[str, Any] = {}

@@ -1,0 +1,131 @@
+"""Windows of tiny models run on one intra-op thread; the user's thread count is back after every window,
+also when one ends by an exception, and the results do not change."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import hotloop
+import pytest
+import torch
+from conftest import plain_loop_losses
+from hotloop.speed_rules import ONE_THREAD_BELOW, one_thread_suffices
+from torch import nn
+
+SEEN: list[int] = []  # torch.get_num_threads() wherever the probe op ran
+FAIL_AT: list[int] = []  # raise on the probe's n-th call in a window (empty: never)
+
+
+@torch.library.custom_op("hotloop_test::threads_probe", mutates_args=())
+def threads_probe(x: torch.Tensor) -> torch.Tensor:
+    SEEN.append(torch.get_num_threads())
+    if FAIL_AT and len(SEEN) == FAIL_AT[0]:
+        raise RuntimeError("probe failed on purpose")
+    return x.new_zeros(())
+
+
+@threads_probe.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(())
+
+
+def probed_mse(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # the probe reads the labels only: no gradient flows through it, and it adds zero
+    return nn.functional.mse_loss(pred, labels) + threads_probe(labels)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    SEEN.clear()
+    FAIL_AT.clear()
+    yield
+    torch.set_num_threads(before)
+
+
+def data(features: int = 16, n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, features, generator=g), torch.randn(n, 1, generator=g)
+
+
+def run(model, optimizer, train_data, epochs=2):
+    stream = hotloop.fit(
+        train_data,
+        model,
+        optimizer,
+        probed_mse,
+        batch_size=32,
+        generator=torch.Generator().manual_seed(5),
+        engine="native",
+    )
+    try:
+        return list(itertools.islice(stream, epochs))
+    finally:
+        stream.close()
+
+
+def test_tiny_model_windows_run_on_one_thread_with_unchanged_results(two_threads):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    events = run(model, optimizer, data())
+    assert torch.get_num_threads() == 2
+    steps_per_epoch = 3
+    window_calls = SEEN[-2 * steps_per_epoch :]
+    assert window_calls == [1] * len(window_calls)
+    assert 2 in SEEN[: -2 * steps_per_epoch]  # the capture check ran with the user's threads
+    expected = plain_loop_losses(
+        data(),
+        twin,
+        twin_optimizer,
+        nn.MSELoss(),
+        batch_size=32,
+        steps=2 * steps_per_epoch,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert [e["train_loss"] for e in events] == pytest.approx(expected, rel=1e-6)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key  # bitwise: the default SGD is replayed
+
+
+def test_larger_model_windows_keep_the_users_threads(two_threads):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 2048), nn.ReLU(), nn.Linear(2048, 1))  # 32768 weights
+    assert model[0].weight.numel() >= ONE_THREAD_BELOW
+    run(model, torch.optim.SGD(model.parameters(), lr=0.01), data(), epochs=1)
+    assert SEEN and set(SEEN) == {2}
+    assert torch.get_num_threads() == 2
+
+
+def test_threads_are_restored_when_a_window_fails(two_threads):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+    FAIL_AT.append(10**9)
+    stream = hotloop.fit(
+        data(),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        probed_mse,
+        batch_size=32,
+        engine="native",
+    )
+    next(stream)  # captured; one window ran on one thread
+    assert SEEN[-1] == 1 and torch.get_num_threads() == 2
+    FAIL_AT[0] = len(SEEN) + 2  # the second step of the next window
+    with pytest.raises(RuntimeError, match="probe failed on purpose"):
+        next(stream)
+    assert SEEN[-1] == 1
+    assert torch.get_num_threads() == 2
+    stream.close()
+
+
+def test_rule():
+    cpu = torch.device("cpu")
+    assert one_thread_suffices(32 * 32, cpu)
+    assert not one_thread_suffices(ONE_THREAD_BELOW, cpu)
+    assert not one_thread_suffices(0, cpu)
+    assert not one_thread_suffices(1024, torch.device("cuda"))
