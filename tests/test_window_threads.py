@@ -124,8 +124,44 @@ def test_threads_are_restored_when_a_window_fails(two_threads):
 
 
 def test_rule():
-    cpu = torch.device("cpu")
-    assert one_thread_suffices(32 * 32, cpu)
-    assert not one_thread_suffices(ONE_THREAD_BELOW, cpu)
-    assert not one_thread_suffices(0, cpu)
-    assert not one_thread_suffices(1024, torch.device("cuda"))
+    cpu, ops = torch.device("cpu"), ["aten::addmm.", "aten::relu."]
+    assert one_thread_suffices(32 * 32, ops, cpu)
+    assert not one_thread_suffices(ONE_THREAD_BELOW, ops, cpu)
+    assert not one_thread_suffices(0, ops, cpu)
+    assert not one_thread_suffices(1024, ops, torch.device("cuda"))
+    assert not one_thread_suffices(1024, [*ops, "aten::convolution."], cpu)
+
+
+def test_tiny_convolutions_keep_the_users_threads_and_round_as_the_plain_loop(two_threads):
+    """oneDNN splits a convolution's work across threads even when it is small, so its gradients would
+    round differently on one thread than in the user's loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 6 * 6, 1)
+    )  # its largest tensor, the convolution's output, has 32 * 6 * 12 * 12 < ONE_THREAD_BELOW elements
+    x, y = torch.randn(96, 2, 14, 14, generator=torch.Generator().manual_seed(2)), data()[1]
+    twin = copy.deepcopy(model)
+    stream = hotloop.fit(
+        (x, y),
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        probed_mse,
+        batch_size=32,
+        generator=torch.Generator().manual_seed(5),
+        engine="native",
+        memory_format="preserve",
+    )
+    next(stream)
+    stream.close()
+    assert set(SEEN) == {2}
+    plain_loop_losses(
+        (x, y),
+        twin,
+        torch.optim.SGD(twin.parameters(), lr=0.05),
+        nn.MSELoss(),
+        batch_size=32,
+        steps=3,
+        generator=torch.Generator().manual_seed(5),
+    )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key

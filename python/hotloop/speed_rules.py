@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -42,14 +44,21 @@ def channels_last_faster(model: nn.Module, device: torch.device) -> bool:
 # torch's at::internal::GRAIN_SIZE: ATen splits no elementwise op or reduction over fewer elements
 # across threads.
 ONE_THREAD_BELOW = 32768
+# oneDNN's convolutions split even small work across threads, and the split changes how gradients sum:
+# one thread would round differently from the user's loop on several.
+_SPLIT_BY_THREADS = ("convolution", "mkldnn")
 
 
-def one_thread_suffices(largest_tensor: int, device: torch.device) -> bool:
-    """Whether a native window whose graph's largest tensor has ``largest_tensor`` elements runs on one
-    intra-op thread (the caller's setting is restored after each window).
+def one_thread_suffices(largest_tensor: int, op_names: Iterable[str], device: torch.device) -> bool:
+    """Whether a native window runs on one intra-op thread (the caller's setting is restored after
+    it), given its graphs' largest tensor (elements) and ops.
 
     No ATen kernel splits work this small across threads (``GRAIN_SIZE``), so more threads only add the
-    cost of waking them: MLP 16-32-1 at batch 32 took 46 µs per step with 2 threads against 40 with one.
-    A rule on the graph's shapes, not a timing, so the choice cannot depend on the machine's load.
+    cost of waking them (measured by ``bench/quick_wins.py threads``), and the results are those of any
+    thread count. Graphs with convolutions keep the user's threads: oneDNN splits them anyway, and
+    differently for each count. A rule on the graph, not a timing, so the choice cannot depend on the
+    machine's load.
     """
-    return device.type == "cpu" and 0 < largest_tensor < ONE_THREAD_BELOW
+    if device.type != "cpu" or not 0 < largest_tensor < ONE_THREAD_BELOW:
+        return False
+    return not any(word in name for name in op_names for word in _SPLIT_BY_THREADS)

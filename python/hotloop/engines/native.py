@@ -84,7 +84,8 @@ class _NativeWindows:
         self.settle: list[Callable[[int], None]] = []
 
     def _limit_threads(self, captured: op_capture.CapturedStep) -> None:
-        tiny = one_thread_suffices(captured.largest_tensor, self.plan.device)
+        names = {name for graph in captured.graphs.values() for name in graph.op_names}
+        tiny = one_thread_suffices(captured.largest_tensor, names, self.plan.device)
         self.step.window_threads = 1 if tiny else 0
 
     def _capture(self) -> op_capture.CapturedStep:
