@@ -2,6 +2,7 @@
 
 PYTHONPATH=python python bench/quick_wins.py layout            # channels_last vs the user's layout
 PYTHONPATH=python python bench/quick_wins.py threads --threads 2  # one thread for tiny windows vs all
+PYTHONPATH=python python bench/quick_wins.py reuse             # out= variants into kept outputs vs allocating
 
 Prints µs per step (median of the timed windows) and each contender's ratio to the fused eager loop.
 """
@@ -123,9 +124,28 @@ def thread_contenders() -> list[Contender]:
     ]
 
 
+def reuse_contenders() -> list[Contender]:
+    from hotloop import op_capture
+
+    def allocating() -> contextlib.AbstractContextManager:
+        return patched(op_capture, "REUSE_OUTPUTS", False)
+
+    return [
+        Contender("native, allocating", built_under(loops.hotloop_engine("native"), allocating), ""),
+        Contender("native, out= reuse", loops.hotloop_engine("native"), ""),
+        Contender(
+            "native fused opt, allocating",
+            built_under(loops.hotloop_engine("native", True), allocating),
+            "",
+        ),
+        Contender("native fused opt, out= reuse", loops.hotloop_engine("native", True), ""),
+        Contender("eager loop, fused optimizer", loops.eager_fused, ""),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("layout", "threads"))
+    p.add_argument("what", choices=("layout", "threads", "reuse"))
     p.add_argument("--workloads", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repetitions", type=int, default=7)
@@ -135,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         chosen, contenders = layout_workloads(), layout_contenders()
     else:
         standard = workloads.standard()
-        chosen = {k: standard[k] for k in ("mlp16", "logreg", "mlp784")}
-        contenders = thread_contenders()
+        chosen = {k: standard[k] for k in ("mlp16", "logreg", "mlp784", "cnn")}
+        contenders = thread_contenders() if args.what == "threads" else reuse_contenders()
     if args.workloads:
         chosen = {k: chosen[k] for k in args.workloads.split(",")}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import subprocess
+import sys
 
 import hotloop
 import pytest
 import torch
-from conftest import plain_loop_losses
+from conftest import plain_loop_losses, subprocess_env
 from hotloop.speed_rules import ONE_THREAD_BELOW, one_thread_suffices
 from torch import nn
 
@@ -130,6 +132,7 @@ def test_rule():
     assert not one_thread_suffices(0, ops, cpu)
     assert not one_thread_suffices(1024, ops, torch.device("cuda"))
     assert not one_thread_suffices(1024, [*ops, "aten::convolution."], cpu)
+    assert not one_thread_suffices(1024, [*ops, "aten::native_batch_norm."], cpu)
 
 
 def test_tiny_convolutions_keep_the_users_threads_and_round_as_the_plain_loop(two_threads):
@@ -165,3 +168,41 @@ def test_tiny_convolutions_keep_the_users_threads_and_round_as_the_plain_loop(tw
     )
     for key, value in model.state_dict().items():
         assert torch.equal(value, twin.state_dict()[key]), key
+
+
+CTRL_C_SCRIPT = """
+import os, signal, threading, time, torch
+from torch import nn
+import hotloop
+from hotloop._shared import running_window
+
+torch.set_num_threads(2)
+model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+stream = hotloop.fit((torch.randn(64, 16), torch.randn(64, 1)), model,
+                     torch.optim.SGD(model.parameters(), lr=1e-4), nn.MSELoss(), batch_size=8,
+                     every=10**8, engine="native")
+def interrupt_inside_the_window():
+    while running_window() is None:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+threading.Thread(target=interrupt_inside_the_window, daemon=True).start()
+try:
+    next(stream)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted", torch.get_num_threads())
+"""
+
+
+def test_threads_are_restored_after_ctrl_c():
+    out = subprocess.run(
+        [sys.executable, "-c", CTRL_C_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
+    assert out.stdout.strip() == "interrupted 2", out.stdout + out.stderr

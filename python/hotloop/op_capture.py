@@ -292,6 +292,12 @@ def _normalise(target: torch._ops.OpOverload, node: fx.Node) -> list[Any]:
 
 
 _DEFAULT = object()
+# Ops whose result stays inside the graph write into the tensor their first run returned (out= variants),
+# instead of allocating one per step. A switch so that bench/quick_wins.py can measure it. Only small
+# results: allocating costs about as much as a small kernel, nothing next to a large one, and kept
+# results stay alive between steps where eager would free them.
+REUSE_OUTPUTS = True
+REUSE_AT_MOST = 1 << 15  # elements
 
 
 _aten = torch.ops.aten
@@ -560,7 +566,64 @@ class _Slots:
             except Exception as exc:
                 raise CaptureError(f"cannot lower {op['node'].target}: {exc}") from exc
         graph.set_outputs(self.outputs, [_aliases_input(node) for node in self.output_nodes])
+        escaping = _escaping(self.output_nodes) if REUSE_OUTPUTS else set(op["node"] for op in self.ops)
+        for index, op in enumerate(self.ops):
+            node, value = op["node"], op["node"].meta.get("val")
+            small = isinstance(value, torch.Tensor) and value.numel() <= REUSE_AT_MOST
+            out = _out_overload(node.target) if small and node not in escaping else None
+            if out is not None and op["unpacked"] < 0:
+                graph.reuse_output(index, out)
         return graph
+
+
+def _escaping(outputs: Sequence[fx.Node]) -> set[fx.Node]:
+    """The nodes whose value is, or may share memory with, one of the graph's outputs: the outputs and
+    what they view or alias, transitively."""
+    seen: set[fx.Node] = set()
+    pending = list(outputs)
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is operator.getitem:
+            pending.append(node.args[0])
+        elif not isinstance(target, torch._ops.OpOverload) or any(
+            r.alias_info is not None for r in target._schema.returns
+        ):
+            leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+            pending.extend(v for v in leaves if isinstance(v, fx.Node))
+    return seen
+
+
+def _out_overload(target: Any) -> str | None:
+    """The overload of ``target``'s out= variant taking its arguments then one output tensor, when
+    ``target`` returns one fresh tensor, writes none of its arguments and draws no random numbers."""
+    if not isinstance(target, torch._ops.OpOverload) or target.is_view:
+        return None
+    schema = target._schema
+    returns, formals = schema.returns, schema.arguments
+    if len(returns) != 1 or str(returns[0].type) != "Tensor" or returns[0].alias_info is not None:
+        return None
+    if any(f.alias_info is not None for f in formals) or torch.Tag.nondeterministic_seeded in target.tags:
+        return None
+    if any(word in schema.name for word in _HIDDEN_MUTATION):
+        return None
+    packet = target.overloadpacket
+    for name in packet.overloads():
+        candidate = getattr(packet, name)._schema.arguments
+        if len(candidate) != len(formals) + 1:
+            continue
+        last = candidate[-1]
+        if last.alias_info is None or not last.alias_info.is_write or str(last.type) != "Tensor":
+            continue
+        pairs = zip(candidate[:-1], formals, strict=True)
+        if all(str(a.type) == str(b.type) and a.name == b.name for a, b in pairs):
+            return name
+    return None
 
 
 def _refuse_baked_in(gm: fx.GraphModule, protected: dict[str, torch.Tensor]) -> None:

@@ -44,9 +44,10 @@ def channels_last_faster(model: nn.Module, device: torch.device) -> bool:
 # torch's at::internal::GRAIN_SIZE: ATen splits no elementwise op or reduction over fewer elements
 # across threads.
 ONE_THREAD_BELOW = 32768
-# oneDNN's convolutions split even small work across threads, and the split changes how gradients sum:
-# one thread would round differently from the user's loop on several.
-_SPLIT_BY_THREADS = ("convolution", "mkldnn")
+# Kernels that split even small work by the thread count, so that partial sums, and the rounding, depend
+# on it: oneDNN's convolutions, and batch norm's statistics (one partial sum per thread over the batch).
+# One thread would round differently from the user's loop on several.
+_SPLIT_BY_THREADS = ("convolution", "mkldnn", "batch_norm")
 
 
 def one_thread_suffices(largest_tensor: int, op_names: Iterable[str], device: torch.device) -> bool:
@@ -55,8 +56,8 @@ def one_thread_suffices(largest_tensor: int, op_names: Iterable[str], device: to
 
     No ATen kernel splits work this small across threads (``GRAIN_SIZE``), so more threads only add the
     cost of waking them (measured by ``bench/quick_wins.py threads``), and the results are those of any
-    thread count. Graphs with convolutions keep the user's threads: oneDNN splits them anyway, and
-    differently for each count. A rule on the graph, not a timing, so the choice cannot depend on the
+    thread count. Graphs with convolutions or batch norm keep the user's threads: their kernels split
+    the work anyway, and sum differently for each count (tests/test_window_threads.py, test_fidelity.py). A rule on the graph, not a timing, so the choice cannot depend on the
     machine's load.
     """
     if device.type != "cpu" or not 0 < largest_tensor < ONE_THREAD_BELOW:
