@@ -54,10 +54,11 @@ def one_thread_suffices(largest_tensor: int, op_names: Iterable[str], device: to
     """Whether a native window runs on one intra-op thread (the caller's setting is restored after
     it), given its graphs' largest tensor (elements) and ops.
 
-    No ATen kernel splits work this small across threads (``GRAIN_SIZE``), so more threads only add the
-    cost of waking them (measured by ``bench/quick_wins.py threads``), and the results are those of any
-    thread count. Graphs with convolutions or batch norm keep the user's threads: their kernels split
-    the work anyway, and sum differently for each count (tests/test_window_threads.py, test_fidelity.py). A rule on the graph, not a timing, so the choice cannot depend on the
+    ATen's elementwise ops and reductions split no work this small across threads (``GRAIN_SIZE``), so
+    more threads only add the cost of waking them (``bench/quick_wins.py threads``), and the results are
+    those of any thread count. Graphs with convolutions or batch norm keep the user's threads: their
+    kernels split even small work and sum differently for each count (tests/test_window_threads.py,
+    tests/test_fidelity.py). A rule on the graph, not a timing, so the choice cannot depend on the
     machine's load.
     """
     if device.type != "cpu" or not 0 < largest_tensor < ONE_THREAD_BELOW:
