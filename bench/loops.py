@@ -154,9 +154,12 @@ def fitstream_loop(w: Workload, data: Data, device: torch.device) -> Runner:
     return Runner(lambda: next(stream)["train_loss"], stream.close)
 
 
-def hotloop_engine(engine: str, fused: bool = False) -> Callable[[Workload, Data, torch.device], Runner]:
-    """``fit(engine=engine)``; with ``fused`` the optimizer is built ``fused=True``, as in the fused eager
-    loop (the native engine then steps with torch's fused kernels; otherwise it replays the default step)."""
+def hotloop_engine(
+    engine: str, fused: bool = False, **options: object
+) -> Callable[[Workload, Data, torch.device], Runner]:
+    """``fit(engine=engine, **options)``; with ``fused`` the optimizer is built ``fused=True``, as in the
+    fused eager loop (the native engine then steps with torch's fused kernels; otherwise it replays the
+    default step)."""
 
     def setup(w: Workload, data: Data, device: torch.device) -> Runner:
         import hotloop
@@ -166,7 +169,7 @@ def hotloop_engine(engine: str, fused: bool = False) -> Callable[[Workload, Data
             optimizer = fused_form(model, optimizer)
         stream = hotloop.fit(
             data, model, optimizer, loss_fn, batch_size=w.batch_size, generator=generator(device),
-            every=w.steps, engine=engine,
+            every=w.steps, engine=engine, **options,
         )  # fmt: skip
 
         def run() -> float:

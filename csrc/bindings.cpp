@@ -100,10 +100,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("name"), py::arg("overload"), py::arg("args"), py::arg("results"), py::arg("release"),
           py::arg("unpacked_list_size"))
       .def("set_outputs", &OpGraph::set_outputs, py::arg("slots"), py::arg("copy"))
+      .def("reuse_output", &OpGraph::reuse_output, py::arg("op"), py::arg("out_overload"))
       .def("__call__", &OpGraph::call, py::arg("inputs"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_inputs", &OpGraph::num_inputs)
       .def_property_readonly("num_outputs", &OpGraph::num_outputs)
-      .def_property_readonly("op_names", &OpGraph::op_names);
+      .def_property_readonly("op_names", &OpGraph::op_names)
+      .def_property_readonly("reused_ops", &OpGraph::reused_ops);
   // Native batched evaluation (built by hotloop.native_eval).
   py::class_<Evaluator, std::shared_ptr<Evaluator>>(m, "Evaluator")
       .def(py::init<std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>, std::vector<at::Tensor>,
@@ -126,6 +128,7 @@ PYBIND11_MODULE(_C, m) {
       .def("bind", &NativeStep::bind, py::arg("params"), py::arg("state"))
       .def("set_accumulate", &NativeStep::set_accumulate, py::arg("accumulate"))
       .def("set_graphs", &NativeStep::set_graphs, py::arg("graphs"))
+      .def_property("window_threads", &NativeStep::window_threads, &NativeStep::set_window_threads)
       .def_property_readonly("steps", &NativeStep::steps)
       .def_property_readonly("optimizer", &NativeStep::optimizer);
 

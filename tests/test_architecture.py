@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
         "plotting",
         "sinks",
         "speed_rules",
+        "layouts",
     },  # leaves
     {"_native", "fidelity"},
     {"_checks", "_optim_specs", "distributed"},

@@ -266,3 +266,50 @@ def test_outputs_that_view_an_input_come_back_as_copies():
     assert viewed.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     assert same.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     torch.testing.assert_close(fresh, x + 1)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ops_inside_the_graph_reuse_their_outputs_and_runs_stay_independent(case):
+    """Ops whose result stays inside the graph write into the tensor their first run returned; every run
+    still equals the first bitwise, and no returned tensor is one a later run writes into."""
+    torch.manual_seed(0)
+    model, loss_fn, batch = CASES[case]()
+    grads, loss, _, _, graph = run_lowered(model, loss_fn, batch)
+    assert graph.reused_ops  # e.g. addmm, relu, mm, threshold_backward
+    assert not {"aten::t.", "aten::reshape."} & set(graph.reused_ops)  # views never
+    _, params, _, state = capture._split_parameters(model)
+
+    def run(batch):
+        inputs = [p.detach().clone() for p in params] + [t.detach().clone() for t in state] + list(batch)
+        return graph(inputs)
+
+    first = run(batch)
+    kept = [t.clone() for t in first]
+    other = [t.flip(0) for t in batch]
+    run(other)
+    again = run(batch)
+    for a, b, c in zip(first, kept, again, strict=True):
+        assert torch.equal(a, b)  # not overwritten by the later runs
+        assert torch.equal(a, c)  # the reused outputs give the same results
+        assert a.data_ptr() != c.data_ptr() or a.numel() == 0
+
+
+def test_out_variant_is_found_only_for_fresh_single_outputs():
+    aten = torch.ops.aten
+    assert capture._out_overload(aten.addmm.default) == "out"
+    assert capture._out_overload(aten.threshold_backward.default) == "grad_input"
+    assert capture._out_overload(aten.sum.dim_IntList) == "IntList_out"
+    assert capture._out_overload(aten.t.default) is None  # a view
+    assert capture._out_overload(aten.add_.Tensor) is None  # writes its input
+    assert capture._out_overload(aten.bernoulli.p) is None  # draws random numbers
+    assert capture._out_overload(aten.native_batch_norm.default) is None  # several outputs
+
+
+def test_reuse_output_refuses_an_overload_that_is_not_the_out_variant():
+    model, loss_fn, batch = CASES["mlp"]()
+    *_, graph = run_lowered(model, loss_fn, batch)
+    index = graph.op_names.index("aten::addmm.")
+    with pytest.raises(RuntimeError, match="does not take"):
+        graph.reuse_output(index, "")
+    with pytest.raises(RuntimeError, match="out of range"):
+        graph.reuse_output(len(graph.op_names), "out")

@@ -1,6 +1,7 @@
 // NativeStep: picks the graph for the batch size, runs it, hands the gradients to .grad and the optimizer.
 #include "engine/native_step.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
 namespace hotloop {
@@ -92,11 +93,22 @@ void NativeStep::check_batch(const std::vector<at::Tensor>& batch) const {
   }
 }
 
+void NativeStep::set_window_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 0, "NativeStep::set_window_threads needs a non-negative thread count, got ", threads);
+  window_threads_ = threads;
+}
+
 void NativeStep::begin_window(bool guard_nonfinite) {
   account_.begin(guard_nonfinite);
   window_steps_ = 0;
   had_grad_.resize(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) had_grad_[i] = params_[i].grad().defined();
+  // Last, so nothing after it can throw before the Loop is bound to call end_window().
+  const int threads = at::get_num_threads();
+  if (window_threads_ > 0 && threads > window_threads_) {
+    saved_threads_ = threads;
+    at::set_num_threads(static_cast<int>(window_threads_));
+  }
 }
 
 StepOutcome NativeStep::run(Dataset& data) { return run_batch(data.next_batch()); }
@@ -148,6 +160,10 @@ void NativeStep::set_grad(size_t i, const at::Tensor& grad) {
 }
 
 WindowTotals NativeStep::end_window() {
+  if (saved_threads_ > 0) {
+    at::set_num_threads(saved_threads_);
+    saved_threads_ = 0;
+  }
   WindowTotals totals = account_.end();
   if (!account_.on_device() || !totals.nonfinite) return totals;
   const int64_t skipped = window_steps_ - totals.applied_steps;

@@ -46,6 +46,10 @@ class NativeStep final : public DeviceStep {
   void set_graphs(std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>> graphs);
   // Which parameters the optimizer does not step (their .grad accumulates); may change between windows.
   void set_accumulate(std::vector<bool> accumulate);
+  // Windows run with at most `threads` intra-op threads (0: the caller's setting, the default); the
+  // caller's setting is back when the window ends, also by an exception.
+  void set_window_threads(int64_t threads);
+  int64_t window_threads() const { return window_threads_; }
 
   // Optimizer steps applied over this step's life.
   int64_t steps() const { return steps_; }
@@ -73,6 +77,8 @@ class NativeStep final : public DeviceStep {
   std::vector<bool> had_grad_;  // per param, at the window's start
   int64_t window_steps_ = 0;    // optimizer steps issued in the window (some may be skipped on the device)
   int64_t steps_ = 0;
+  int64_t window_threads_ = 0;
+  int saved_threads_ = 0;  // the caller's thread count while a window runs with fewer, else 0
 };
 
 }  // namespace hotloop

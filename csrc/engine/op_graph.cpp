@@ -120,6 +120,30 @@ void OpGraph::set_outputs(std::vector<int64_t> slots, std::vector<bool> copy) {
   copy_outputs_ = std::move(copy);
 }
 
+void OpGraph::reuse_output(int64_t index, const std::string& out_overload) {
+  TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(ops_.size()), "reuse_output: op ", index,
+              " is out of range (the graph has ", ops_.size(), " ops)");
+  Op& op = ops_[index];
+  const auto& schema = op.handle.schema();
+  TORCH_CHECK(op.unpacked_list_size < 0 && op.results.size() == 1 && schema.returns().size() == 1 &&
+                  schema.returns()[0].type()->kind() == c10::TypeKind::TensorType,
+              op.name, ": only an op with one Tensor return can reuse its output");
+  const auto name = schema.operator_name().name;
+  auto out = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), out_overload.c_str());
+  const auto& formals = schema.arguments();
+  const auto& out_formals = out.schema().arguments();
+  TORCH_CHECK(out_formals.size() == formals.size() + 1, name, ".", out_overload, " does not take ", op.name,
+              "'s arguments and one output");
+  for (size_t i = 0; i < formals.size(); ++i)
+    TORCH_CHECK(*out_formals[i].type() == *formals[i].type(), name, ".", out_overload, ": argument ", i,
+                " has type ", out_formals[i].type()->str(), ", ", op.name, " takes ", formals[i].type()->str());
+  const auto* alias = out_formals.back().alias_info();
+  TORCH_CHECK(alias != nullptr && alias->isWrite() && out_formals.back().type()->kind() == c10::TypeKind::TensorType,
+              name, ".", out_overload, ": its last argument is not a Tensor it writes");
+  op.out_handle = out;
+  op.output = at::Tensor();
+}
+
 void OpGraph::bind_input(int64_t index, const at::Tensor& value) {
   TORCH_CHECK(index >= 0 && index < num_inputs_, "input ", index, " is out of range (the graph has ",
               num_inputs_, " inputs)");
@@ -130,7 +154,7 @@ void OpGraph::run(std::vector<at::Tensor>& outputs) {
   // Below autograd: the graph already holds the backward ops, so nothing may be recorded.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto& stack = stack_;
-  for (const auto& op : ops_) {
+  for (auto& op : ops_) {
     stack.clear();
     for (const auto& arg : op.args) {
       switch (arg.kind) {
@@ -162,7 +186,13 @@ void OpGraph::run(std::vector<at::Tensor>& outputs) {
         }
       }
     }
-    op.handle.callBoxed(stack);
+    if (op.output.defined()) {
+      stack.emplace_back(op.output);
+      op.out_handle->callBoxed(stack);
+    } else {
+      op.handle.callBoxed(stack);
+      if (op.out_handle) keep_output(op, stack);
+    }
     if (op.unpacked_list_size >= 0) {
       if (op.results[0] >= 0) {
         auto list = stack[0].toTensorList();
@@ -187,6 +217,20 @@ void OpGraph::run(std::vector<at::Tensor>& outputs) {
     if (!pinned_[slot]) slots_[slot] = c10::IValue();
 }
 
+void OpGraph::keep_output(Op& op, const std::vector<c10::IValue>& stack) {
+  // The arguments are still in slots_: an output that shares an input's memory is not the op's own.
+  const at::Tensor& result = stack[0].toTensor();
+  for (const auto& arg : op.args) {
+    if (arg.kind != ArgKind::Slot || !slots_[arg.slot].isTensor()) continue;
+    const at::Tensor& input = slots_[arg.slot].toTensor();
+    if (input.defined() && input.storage().is_alias_of(result.storage())) {
+      op.out_handle.reset();
+      return;
+    }
+  }
+  op.output = result;
+}
+
 std::vector<at::Tensor> OpGraph::call(const std::vector<at::Tensor>& inputs) {
   TORCH_CHECK(static_cast<int64_t>(inputs.size()) == num_inputs_, "the graph takes ", num_inputs_,
               " inputs, got ", inputs.size());
@@ -207,6 +251,13 @@ std::vector<std::string> OpGraph::op_names() const {
   std::vector<std::string> names;
   names.reserve(ops_.size());
   for (const auto& op : ops_) names.push_back(op.name);
+  return names;
+}
+
+std::vector<std::string> OpGraph::reused_ops() const {
+  std::vector<std::string> names;
+  for (const auto& op : ops_)
+    if (op.out_handle) names.push_back(op.name);
   return names;
 }
 

@@ -6,6 +6,7 @@
 #include <ATen/core/ivalue.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,11 @@ class OpGraph {
   // `copy[i]`: output i may alias an input (a view of a batch tensor or parameter) and is returned as a
   // fresh copy, so callers may keep or update it like a gradient eager autograd made.
   void set_outputs(std::vector<int64_t> slots, std::vector<bool> copy);
+  // Op `index` (one Tensor return, read only inside the graph) keeps the tensor its first run returned
+  // and from then on writes into it through `out_overload`, its out= variant (the op's arguments, then
+  // the output): no allocation per run. Memory the first run returned that shares an input's storage
+  // is not kept.
+  void reuse_output(int64_t index, const std::string& out_overload);
 
   int64_t num_inputs() const { return num_inputs_; }
   int64_t num_outputs() const { return static_cast<int64_t>(outputs_.size()); }
@@ -42,6 +48,8 @@ class OpGraph {
   // Binds `inputs`, runs, returns the outputs and unbinds everything (for checks).
   std::vector<at::Tensor> call(const std::vector<at::Tensor>& inputs);
   std::vector<std::string> op_names() const;
+  // The ops that write into a kept output (reuse_output), by name.
+  std::vector<std::string> reused_ops() const;
 
  private:
   enum class ArgKind : uint8_t { Slot, Constant, TensorList, OptionalTensorList };
@@ -58,9 +66,12 @@ class OpGraph {
     std::vector<int64_t> results;
     std::vector<int64_t> release;
     int64_t unpacked_list_size = -1;
+    std::optional<c10::OperatorHandle> out_handle;  // set by reuse_output
+    at::Tensor output;                               // what out_handle writes into, once known
   };
 
   void check_slot(int64_t slot, const char* what) const;
+  void keep_output(Op& op, const std::vector<c10::IValue>& stack);
   Arg resolve_arg(const std::string& op_name, const c10::Argument& formal, const OpArg& given) const;
 
   int64_t num_inputs_;

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.func import grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import distributed
+from . import distributed, layouts
 from ._native import _C
 from ._shared import CaptureError, forward_and_loss, named_tensors
 from .clipping import GradClip
@@ -37,6 +37,7 @@ class CapturedStep:
     state: list[torch.Tensor]
     graphs: dict[int, Any] = field(default_factory=dict)  # batch size -> _C.OpGraph
     num_batch_inputs: int = 0
+    largest_tensor: int = 0  # elements of the largest tensor any graph reads or makes
 
     def refresh(self, model: nn.Module) -> bool:
         """Follow tensors the model replaced since capture (``module.weight = ...``, ``load_state_dict(...,
@@ -109,16 +110,23 @@ def _joint_step(
     metrics: Sequence[Callable[..., Any]] = (),
     gradients: Gradients = Gradients(),
     clipped: Sequence[int] = (),
+    channels_last: bool = False,
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``(params, state, *batch) -> (*grads, loss, *metrics)``: a training step's maths without the update.
 
     Gradients are accumulated over ``gradients``' micro-batches (the loss and metrics are their
     sample-weighted means), then clipped at the positions ``clipped`` (in the optimizer's order) as
     ``clip_grad_norm_``/``clip_grad_value_`` would between backward and step; a non-finite norm under
-    ``error_if_nonfinite`` turns the loss into NaN, so the non-finite guard refuses the step."""
+    ``error_if_nonfinite`` turns the loss into NaN, so the non-finite guard refuses the step. With
+    ``channels_last`` forward reads channels_last copies of the 4-D trainable parameters and batch
+    inputs (the same values; convolutions then run in that layout), and gradients flow back to the
+    parameters themselves."""
     clip, k = gradients.clip, gradients.accumulate
 
     def loss_of(params: list[torch.Tensor], state: list[torch.Tensor], batch: tuple[torch.Tensor, ...]):
+        if channels_last:
+            params = [layouts.to_channels_last(p, copy=True) for p in params]
+            batch = tuple(layouts.to_channels_last(t, copy=False) for t in batch)
         tensors = dict(zip(train_names, params, strict=True))
         tensors.update(zip(state_names, state, strict=True))
         # Forward and loss under one reparametrisation: a loss that reads the model's tensors (an L2
@@ -195,18 +203,22 @@ def trace_step(
     metrics: Sequence[Callable[..., Any]] = (),
     gradients: Gradients = Gradients(),
     data_parallel: distributed.Distributed | None = None,
+    channels_last: bool = False,
 ) -> fx.GraphModule:
     """The joint forward+backward graph of one training step on batches shaped like ``batch``.
 
     Placeholders are the trainable parameters, then frozen parameters and buffers, then the batch
     tensors; outputs are the gradient of each trainable parameter (accumulated and clipped as
     ``gradients`` says), the loss, then each train metric. With ``data_parallel`` (``model`` is the DDP
-    wrapper's module) DDP's collectives are traced in.
+    wrapper's module) DDP's collectives are traced in. With ``channels_last`` the graph runs its 4-D
+    tensors in that layout (its inputs and gradients keep the user's layout).
     """
     train_names, train, state_names, state = _split_parameters(model)
     position = {id(t): i for i, t in enumerate(train)}
     indices = [position[id(p)] for p in gradients.clipped if id(p) in position]
-    joint = _joint_step(model, loss_fn, last_label, train_names, state_names, metrics, gradients, indices)
+    joint = _joint_step(
+        model, loss_fn, last_label, train_names, state_names, metrics, gradients, indices, channels_last
+    )
     if data_parallel is not None:
         buffers = {name for name, _ in model.named_buffers()}
         positions = [i for i, name in enumerate(state_names) if name in buffers]
@@ -214,9 +226,11 @@ def trace_step(
     was_training = model.training
     model.train()
     try:
-        return make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(
-            list(train), list(state), *batch
-        )
+        traced = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)
+        gm = traced(list(train), list(state), *batch)
+        if channels_last:
+            layouts.match_layouts(gm)
+        return gm
     except CaptureError:
         raise
     except Exception as exc:  # any tracing failure is a reason to fall back, reported verbatim
@@ -279,6 +293,12 @@ def _normalise(target: torch._ops.OpOverload, node: fx.Node) -> list[Any]:
 
 
 _DEFAULT = object()
+# Ops whose result stays inside the graph write into the tensor their first run returned (out= variants),
+# instead of allocating one per step. A switch so that bench/quick_wins.py can measure it. Only small
+# results: allocating costs about as much as a small kernel, nothing next to a large one, and kept
+# results stay alive between steps where eager would free them.
+REUSE_OUTPUTS = True
+REUSE_AT_MOST = 1 << 15  # elements
 
 
 _aten = torch.ops.aten
@@ -548,7 +568,64 @@ class _Slots:
             except Exception as exc:
                 raise CaptureError(f"cannot lower {op['node'].target}: {exc}") from exc
         graph.set_outputs(self.outputs, [_aliases_input(node) for node in self.output_nodes])
+        escaping = _escaping(self.output_nodes) if REUSE_OUTPUTS else set(op["node"] for op in self.ops)
+        for index, op in enumerate(self.ops):
+            node, value = op["node"], op["node"].meta.get("val")
+            small = isinstance(value, torch.Tensor) and value.numel() <= REUSE_AT_MOST
+            out = _out_overload(node.target) if small and node not in escaping else None
+            if out is not None and op["unpacked"] < 0:
+                graph.reuse_output(index, out)
         return graph
+
+
+def _escaping(outputs: Sequence[fx.Node]) -> set[fx.Node]:
+    """The nodes whose value is, or may share memory with, one of the graph's outputs: the outputs and
+    what they view or alias, transitively."""
+    seen: set[fx.Node] = set()
+    pending = list(outputs)
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is operator.getitem:
+            pending.append(node.args[0])
+        elif not isinstance(target, torch._ops.OpOverload) or any(
+            r.alias_info is not None for r in target._schema.returns
+        ):
+            leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+            pending.extend(v for v in leaves if isinstance(v, fx.Node))
+    return seen
+
+
+def _out_overload(target: Any) -> str | None:
+    """The overload of ``target``'s out= variant taking its arguments then one output tensor, when
+    ``target`` returns one fresh tensor, writes none of its arguments and draws no random numbers."""
+    if not isinstance(target, torch._ops.OpOverload) or target.is_view:
+        return None
+    schema = target._schema
+    returns, formals = schema.returns, schema.arguments
+    if len(returns) != 1 or str(returns[0].type) != "Tensor" or returns[0].alias_info is not None:
+        return None
+    if any(f.alias_info is not None for f in formals) or torch.Tag.nondeterministic_seeded in target.tags:
+        return None
+    if any(word in schema.name for word in _HIDDEN_MUTATION):
+        return None
+    packet = target.overloadpacket
+    for name in packet.overloads():
+        candidate = getattr(packet, name)._schema.arguments
+        if len(candidate) != len(formals) + 1:
+            continue
+        last = candidate[-1]
+        if last.alias_info is None or not last.alias_info.is_write or str(last.type) != "Tensor":
+            continue
+        pairs = zip(candidate[:-1], formals, strict=True)
+        if all(str(a.type) == str(b.type) and a.name == b.name for a, b in pairs):
+            return name
+    return None
 
 
 def _refuse_baked_in(gm: fx.GraphModule, protected: dict[str, torch.Tensor]) -> None:
@@ -618,6 +695,7 @@ def capture_step(
     metrics: Sequence[Callable[..., Any]] = (),
     gradients: Gradients = Gradients(),
     data_parallel: distributed.Distributed | None = None,
+    channels_last: bool = False,
 ) -> CapturedStep:
     """Capture and lower one graph per batch size in ``batches`` (real example batches), each checked
     against an eager autograd step of the user's own model on its example batch. Raises CaptureError with
@@ -655,9 +733,11 @@ def capture_step(
                 metrics=metrics,
                 gradients=gradients,
                 data_parallel=data_parallel,
+                channels_last=channels_last,
             )
         finally:
             snapshot.restore()
+        captured.largest_tensor = max(captured.largest_tensor, _largest_tensor(gm))
         graph = lower(gm, num_inputs, protected=protected)
         verify(
             graph,
@@ -672,6 +752,16 @@ def capture_step(
         )
         captured.graphs[size] = graph
     return captured
+
+
+def _largest_tensor(gm: fx.GraphModule) -> int:
+    sizes = [
+        value.numel()
+        for node in gm.graph.nodes
+        for value in torch.utils._pytree.tree_leaves(node.meta.get("val"))
+        if isinstance(value, torch.Tensor)
+    ]
+    return max(sizes, default=0)
 
 
 def verify(

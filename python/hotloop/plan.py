@@ -18,6 +18,7 @@ from . import distributed
 from .clipping import GradClip, check_clip
 
 ENGINE_NAMES = ("auto", "graph", "aot", "native", "python")
+MEMORY_FORMATS = ("auto", "preserve", "channels_last")
 STATE_VERSION = 1  # of FitStream.state_dict()
 # fit()'s defaults for the options a Plan keeps as they are (after checking them).
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -39,6 +40,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "accumulate": 1,
     "seed": 0,
     "sync_every": None,
+    "memory_format": "auto",
 }
 
 
@@ -67,6 +69,7 @@ class Plan:
     resume: Mapping[str, Any] | None = None
     grad_clip: GradClip | None = None  # fit()'s clip_grad_norm and clip_grad_value, checked
     accumulate: int = 1  # micro-batches of batch_size per optimizer step
+    memory_format: str = "auto"  # one of MEMORY_FORMATS: the layout the native engine runs 4-D tensors in
 
     @property
     def step_samples(self) -> int:
@@ -183,6 +186,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
     check.check_choice("scheduler_every", options["scheduler_every"], ("step", "event"))
     check.check_choice("on_nonfinite", options["on_nonfinite"], ("raise", "stop", "continue"))
     check.check_choice("amp", options["amp"], (None, "bf16", "fp16"))
+    check.check_choice("memory_format", options["memory_format"], MEMORY_FORMATS)
     generator = options["generator"]
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

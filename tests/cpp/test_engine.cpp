@@ -2,6 +2,7 @@
 // hand-computed updates, and the on-device window accounting against the host one (run here on CPU tensors).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdio>
@@ -314,6 +315,53 @@ void loop_stops_at_epoch_end_and_on_interrupt() {
   EXPECT(loop.total_steps() == 4);  // stopped after the step in progress
 }
 
+void op_graph_reuses_outputs_through_out_variants() {
+  auto graph = linear_mean_graph();
+  graph->reuse_output(0, "out");  // mv: its result is read only inside the graph
+  EXPECT(graph->reused_ops() == std::vector<std::string>{"aten::mv."});
+  const auto w = at::randn({3});
+  const auto x1 = at::randn({2, 3});
+  const auto x2 = at::randn({2, 3});
+  for (int run = 0; run < 2; ++run) {
+    for (const auto& x : {x1, x2}) {
+      const auto outputs = graph->call({w, x});
+      EXPECT(same(outputs[0], x.mean(0)));
+      EXPECT(same(outputs[1], at::mv(x, w).mean()));
+    }
+  }
+  EXPECT_THROWS(graph->reuse_output(1, "out"));  // mean.out is mean.dim's out= variant, not mean's
+  EXPECT_THROWS(graph->reuse_output(0, "nonexistent"));
+  EXPECT_THROWS(graph->reuse_output(3, "out"));
+}
+
+void window_threads_are_restored_after_an_interrupt() {
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);
+  auto weight = at::ones({3}).requires_grad_(true);
+  auto step = std::make_shared<NativeStep>(
+      std::vector<at::Tensor>{weight}, std::vector<at::Tensor>{},
+      std::vector<std::pair<int64_t, std::shared_ptr<OpGraph>>>{{2, linear_mean_graph()}},
+      std::vector<std::vector<int64_t>>{{3}}, std::vector<bool>{false}, sgd(weight, true, 0.01, 0.0));
+  step->set_window_threads(1);
+  EXPECT_THROWS(step->set_window_threads(-1));
+  auto data = std::make_shared<Dataset>(std::vector<at::Tensor>{at::randn({6, 3})}, 2, true, false, std::nullopt,
+                                        true);
+  Loop loop(data, std::static_pointer_cast<DeviceStep>(step));
+  std::vector<int> seen;
+  EXPECT(loop.run(2, false, [&] { seen.push_back(at::get_num_threads()); }).steps == 2);
+  EXPECT(at::get_num_threads() == 2);
+  try {
+    loop.run(100, false, [&] {
+      seen.push_back(at::get_num_threads());
+      loop.request_interrupt();
+    });
+  } catch (const Interrupted&) {
+  }
+  EXPECT(at::get_num_threads() == 2);
+  EXPECT(seen == std::vector<int>({1, 1, 1}));
+  at::set_num_threads(before);
+}
+
 }  // namespace
 
 // fit_many's fused rows against torch.optim's single-tensor maths row by row (P = 21: the eight-wide loop and
@@ -406,6 +454,8 @@ int main() {
       {"loop_stops_at_epoch_end_and_on_interrupt", loop_stops_at_epoch_end_and_on_interrupt},
       {"row_optimizer_matches_per_row_reference", row_optimizer_matches_per_row_reference},
       {"recorded_step_counts_like_a_step", recorded_step_counts_like_a_step},
+      {"op_graph_reuses_outputs_through_out_variants", op_graph_reuses_outputs_through_out_variants},
+      {"window_threads_are_restored_after_an_interrupt", window_threads_are_restored_after_an_interrupt},
   };
   at::manual_seed(0);
   for (const auto& [name, test] : tests) {

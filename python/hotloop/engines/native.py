@@ -11,7 +11,7 @@ from .._shared import example_batches
 from ..clipping import stepped_params
 from ..fidelity import UserState
 from ..plan import Plan
-from ..speed_rules import slower_natively
+from ..speed_rules import channels_last_faster, one_thread_suffices, slower_natively
 from .base import EngineRun
 
 
@@ -80,7 +80,13 @@ class _NativeWindows:
             self._not_stepped(),
             handle,
         )
+        self._limit_threads(self.captured)
         self.settle: list[Callable[[int], None]] = []
+
+    def _limit_threads(self, captured: op_capture.CapturedStep) -> None:
+        names = {name for graph in captured.graphs.values() for name in graph.op_names}
+        tiny = one_thread_suffices(captured.largest_tensor, names, self.plan.device)
+        self.step.window_threads = 1 if tiny else 0
 
     def _capture(self) -> op_capture.CapturedStep:
         plan, data_parallel = self.plan, self.plan.data_parallel
@@ -91,17 +97,27 @@ class _NativeWindows:
         else:
             batches = example_batches(plan.train_data, plan.step_samples, plan.drop_last, plan.shuffle)
         local = data_parallel is not None and data_parallel.sync_every is not None  # local SGD: no sync
-        return op_capture.capture_step(
-            plan.module,
-            plan.loss_fn,
-            batches,
-            last_label=plan.last_label,
-            metrics=plan.metric_fns,
-            gradients=op_capture.Gradients(
-                plan.accumulate, plan.batch_size, plan.grad_clip, tuple(self._clipped())
-            ),
-            data_parallel=None if local else data_parallel,
-        )
+
+        def capture(channels_last: bool) -> op_capture.CapturedStep:
+            return op_capture.capture_step(
+                plan.module,
+                plan.loss_fn,
+                batches,
+                last_label=plan.last_label,
+                metrics=plan.metric_fns,
+                gradients=op_capture.Gradients(
+                    plan.accumulate, plan.batch_size, plan.grad_clip, tuple(self._clipped())
+                ),
+                data_parallel=None if local else data_parallel,
+                channels_last=channels_last,
+            )
+
+        if plan.memory_format == "auto" and channels_last_faster(plan.module, plan.device):
+            try:
+                return capture(True)
+            except op_capture.CaptureError:
+                pass  # e.g. dropout draws its mask in memory order: the user's layout may still capture
+        return capture(plan.memory_format == "channels_last")
 
     def _clipped(self) -> list[Any]:
         return stepped_params(self.plan.optimizer) if self.plan.grad_clip is not None else []
@@ -128,6 +144,7 @@ class _NativeWindows:
                     f"capturing it again failed: {exc}"
                 ) from exc
             self.step.set_graphs(list(fresh.graphs.items()))
+            self._limit_threads(fresh)
             self.watched = UserState(plan.module, plan.loss_fn, tensors=False)
         self.step.set_accumulate(self._not_stepped())  # param groups may have been added
         schedule: dict[str, Any] = {}
