@@ -46,12 +46,11 @@ def _embedding_backward_as_index_put(graph: fx.Graph, node: fx.Node) -> int:
     with graph.inserting_before(node):
         flat_indices = _call(graph, _aten.reshape.default, indices, [-1])
         rows = _call(graph, _aten.reshape.default, grad, [-1, width])
-        if padding_idx >= 0:  # eager skips the padding index's rows: add zeros there instead
-            padding = _call(graph, _aten.eq.Scalar, flat_indices, padding_idx)
-            padding = _call(graph, _aten.unsqueeze.default, padding, -1)
-            rows = _call(graph, _aten.masked_fill.Scalar, rows, padding, 0)
         weight_grad = _call(graph, _aten.new_zeros.default, grad, [num_weights, width])
         summed = _call(graph, _aten.index_put_.default, weight_grad, [flat_indices], rows, True)
+        if padding_idx >= 0:  # eager skips the padding index's rows, leaving its row +0.0: zero it again
+            padding_row = _call(graph, _aten.select.int, summed, 0, padding_idx)
+            _call(graph, _aten.zero_.default, padding_row)
     node.replace_all_uses_with(summed)
     graph.erase_node(node)
     return 1
