@@ -1,10 +1,12 @@
 """The aot engine: parity with the plain loop (SGD, Adam, AdamW), lr changes, schedulers, resume, metrics,
-the non-finite guard, the package cache, auto's background compile and switch, and the fallbacks.
+gradient clipping and accumulation, the non-finite guard, the package cache, auto's background compile and
+switch, and the fallbacks.
 
 AOTInductor reorders float operations, so the runs match the plain loop to rounding: 1e-5 relative on
 weights and optimizer state after three epochs. Compiles are slow (about 10-30 s each), so the whole module
-shares one package cache and compiles three packages: one per optimizer configuration below, all for the
-same model, batch size and metric (the other tests reuse them).
+shares one package cache and compiles three packages for most tests: one per optimizer configuration below,
+all for the same model, batch size and metric (the other tests reuse them); clipping and accumulation
+compile one more each.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from conftest import assert_same_optimizer_state, assert_same_state, mlp, plain_loop_losses
 from hotloop import SlowPathWarning, aot_compile, fit
 from hotloop.fit import NonFiniteLossError
+from test_accumulate import run_both as accumulated_runs
 from torch import nn
 
 RTOL = 1e-5
@@ -492,3 +495,54 @@ def test_auto_captures_once_when_the_native_capture_fails():
     assert FORWARD_CALLS.count("auto") == FORWARD_CALLS.count("plain") + 1
     (message,) = [str(w.message) for w in record if issubclass(w.category, SlowPathWarning)]
     assert message.count("engine cannot run") == 1 and "native engine" in message and "aot" not in message
+
+
+def test_gradient_clipping_matches_the_plain_loop():
+    # the package clips inside the step, as the native graph does, before the update
+    x, y = data(192)
+    model, optimizer, reference, ref_optimizer = setup("sgd")
+    events = run(
+        fit(
+            (x, y),
+            model,
+            optimizer,
+            nn.MSELoss(),
+            batch_size=BATCH,
+            engine="aot",
+            clip_grad_norm=0.05,
+            generator=torch.Generator().manual_seed(3),
+        ),
+        2,
+    )
+    assert [e["engine"] for e in events] == ["aot"] * 2
+    losses = plain_loop_losses(
+        (x, y),
+        reference,
+        ref_optimizer,
+        nn.MSELoss(),
+        batch_size=BATCH,
+        steps=12,
+        generator=torch.Generator().manual_seed(3),
+        after_backward=lambda: nn.utils.clip_grad_norm_(reference.parameters(), 0.05),
+    )
+    assert_close_losses([e["train_loss"] for e in events], losses)
+    assert_same_state(model, reference, rtol=RTOL, atol=1e-6)
+    assert_same_optimizer_state_scaled(optimizer, ref_optimizer)
+    unclipped = fit(
+        (x, y), *setup("sgd")[:2], nn.MSELoss(), batch_size=BATCH, generator=torch.Generator().manual_seed(3)
+    )
+    assert next(unclipped)["train_loss"] != pytest.approx(events[0]["train_loss"], rel=1e-3)  # clipping bit
+    unclipped.close()
+
+
+def test_gradient_accumulation_matches_the_plain_loop():
+    # accumulate=3: the package sums three micro-batches (BatchNorm statistics advancing per micro-batch),
+    # the epoch's last step of one short micro-batch runs natively
+    events, expected, updates, (model, optimizer), (twin, twin_optimizer) = accumulated_runs(
+        "aot", opt="Adam", dropout=False
+    )
+    assert [e["engine"] for e in events] == ["aot"] * 3
+    assert_close_losses([e["train_loss"] for e in events], expected)
+    assert [e["updates"] for e in events] == [3, 6, 9] and updates == 9
+    assert_same_state(model, twin, rtol=RTOL, atol=1e-6)
+    assert_same_optimizer_state_scaled(optimizer, twin_optimizer)
