@@ -192,12 +192,18 @@ double NativeOptimizer::option(const OptimizerGroup& group, const char* name) {
   return it->second;
 }
 
-void NativeOptimizer::check_param_state(const char* optimizer, const OptimizerGroup& group, const char* key) {
+const std::vector<at::Tensor>& NativeOptimizer::per_param_state(const char* optimizer, const OptimizerGroup& group,
+                                                                const char* key) {
   auto it = group.state.find(key);
   TORCH_CHECK(it != group.state.end(), optimizer, " needs the state '", key, "' of every parameter");
   const std::vector<at::Tensor>& state = it->second;
   TORCH_CHECK(state.size() == group.params.size(), optimizer, " needs one '", key, "' per parameter, got ",
               state.size(), " for ", group.params.size(), " parameters");
+  return state;
+}
+
+void NativeOptimizer::check_param_state(const char* optimizer, const OptimizerGroup& group, const char* key) {
+  const std::vector<at::Tensor>& state = per_param_state(optimizer, group, key);
   for (size_t i = 0; i < state.size(); ++i) {
     const at::Tensor& p = group.params[i];
     const at::Tensor& s = state[i];
@@ -209,11 +215,7 @@ void NativeOptimizer::check_param_state(const char* optimizer, const OptimizerGr
 }
 
 void NativeOptimizer::check_scalar_state(const char* optimizer, const OptimizerGroup& group, const char* key) {
-  auto it = group.state.find(key);
-  TORCH_CHECK(it != group.state.end(), optimizer, " needs the state '", key, "' of every parameter");
-  const std::vector<at::Tensor>& state = it->second;
-  TORCH_CHECK(state.size() == group.params.size(), optimizer, " needs one '", key, "' per parameter, got ",
-              state.size(), " for ", group.params.size(), " parameters");
+  const std::vector<at::Tensor>& state = per_param_state(optimizer, group, key);
   for (size_t i = 0; i < state.size(); ++i) {
     const at::Tensor& s = state[i];
     TORCH_CHECK(s.defined() && s.numel() == 1 && at::isFloatingType(s.scalar_type()), "the '", key,

@@ -124,6 +124,9 @@ class NativeOptimizer {
   // What check_group implementations share: a named option, and a state list by torch.optim's key
   // whose tensors are shaped like the params or hold one element.
   static double option(const OptimizerGroup& group, const char* name);
+  // The group's state list `key`, one tensor per parameter (checked).
+  static const std::vector<at::Tensor>& per_param_state(const char* optimizer, const OptimizerGroup& group,
+                                                        const char* key);
   static void check_param_state(const char* optimizer, const OptimizerGroup& group, const char* key);
   static void check_scalar_state(const char* optimizer, const OptimizerGroup& group, const char* key);
   // The step tensors a fused kernel reads: the state's own, or device copies advanced along with them.
