@@ -777,3 +777,29 @@ def test_evaluate_many_metric_reading_values_in_python_falls_back_with_the_reaso
         values = hotloop.evaluate_many((x, y), metrics={"worst": worst})({"model": models})["worst"]
     with torch.no_grad():
         assert values == pytest.approx([worst(m(x), y).item() for m in models], rel=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["stacked", "sequential"])
+def test_freeze_names_a_model_out_of_range(engine):
+    x, y = _data()
+    models, optimizers = _setup("sgd", 2)
+    if engine == "sequential":  # different architectures: K fit runs in lock-step
+        models[1] = nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 1))
+        optimizers[1] = torch.optim.SGD(models[1].parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        stream = fit_many((x, y), models, optimizers, nn.MSELoss(), batch_size=16)
+        event = next(stream)
+    assert event["engine"].startswith(engine)
+    with pytest.raises(IndexError, match="model index 2 out of range for 2 models"):
+        stream.freeze(2)
+    stream.freeze(1)
+    assert next(stream)["active"] == [True, False]
+    stream.close()
+
+
+def test_a_loss_that_is_not_one_value_is_refused_naming_it():
+    x, y = _data()
+    models, optimizers = _setup("sgd", 2)
+    with pytest.raises(hotloop.many.CaptureError, match="loss_fn must return a single value, got shape"):
+        next(fit_many((x, y), models, optimizers, nn.MSELoss(reduction="none"), batch_size=16, engine="stacked"))

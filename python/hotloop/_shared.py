@@ -63,6 +63,16 @@ def forward_and_loss(
     return pred, None, loss_fn(pred)
 
 
+def traced_scalar_loss(loss: Any) -> torch.Tensor:
+    """The loss a traced step differentiates, as a 0-dim tensor; a CaptureError when ``loss_fn`` returned
+    something else."""
+    if not isinstance(loss, torch.Tensor):
+        raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise CaptureError(f"loss_fn must return a single value, got shape {tuple(loss.shape)}")
+    return loss.reshape(())
+
+
 # The training windows running now, innermost last: (loop, its total_steps at the window's start, planned).
 _RUNNING: list[tuple[Any, int, int]] = []
 

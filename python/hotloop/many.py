@@ -327,7 +327,19 @@ class _Segment:
     drawn_from: list[torch.Tensor] | None  # generator states before the window drew this epoch's order
 
 
-class _Stacked:
+class _Session:
+    """What both ways of training K models share: which models still train."""
+
+    K: int
+    active: list[bool]
+
+    def freeze(self, k: int) -> None:
+        if not 0 <= k < self.K:
+            raise IndexError(f"model index {k} out of range for {self.K} models")
+        self.active[k] = False
+
+
+class _Stacked(_Session):
     """K models trained as one: the epoch schedule, the stacked graphs and the fused update."""
 
     engine_name = "stacked-native"
@@ -471,11 +483,6 @@ class _Stacked:
         return schedule
 
     # -- control ---------------------------------------------------------------------------------------
-    def freeze(self, k: int) -> None:
-        if not 0 <= k < self.K:
-            raise IndexError(f"model index {k} out of range for {self.K} models")
-        self.active[k] = False
-
     def events(self) -> Iterator[Event]:
         plan = self.plan
         while any(self.active):
@@ -711,7 +718,7 @@ class _Stacked:
 # -- the sequential fallback (and K=1) ------------------------------------------------------------------
 
 
-class _Sequential:
+class _Sequential(_Session):
     """K ``fit`` runs in lock-step, one event of each merged into one event per window."""
 
     def __init__(self, plan: _Plan) -> None:
@@ -760,11 +767,6 @@ class _Sequential:
         self.step = plan.step_offset if plan.resume is None else plan.resume["step"]
         if plan.resume is not None:
             self.active = list(plan.resume["active"])
-
-    def freeze(self, k: int) -> None:
-        if not 0 <= k < self.K:
-            raise IndexError(f"model index {k} out of range for {self.K} models")
-        self.active[k] = False
 
     def events(self) -> Iterator[Event]:
         plan = self.plan

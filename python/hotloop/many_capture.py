@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.func import grad_and_value, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ._shared import CaptureError, forward_and_loss, named_tensors
+from ._shared import CaptureError, forward_and_loss, named_tensors, traced_scalar_loss
 from .fidelity import UserState, refusal_reason, reparametrized, stateful_reason
 from .op_capture import _compare, _describe_trace_failure, _scale, _split_parameters, lower
 
@@ -187,11 +187,7 @@ def _stacked_step(
         tensors.update(zip(state_names, state, strict=True))
         with reparametrized(model, tensors):
             pred, labels, loss = forward_and_loss(model, loss_fn, batch, last_label)
-        if not isinstance(loss, torch.Tensor):
-            raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise CaptureError(f"loss_fn must return a single value, got shape {tuple(loss.shape)}")
-        return loss.reshape(()), (pred.detach(), labels) if metrics else ()
+        return traced_scalar_loss(loss), (pred.detach(), labels) if metrics else ()
 
     def one(params, state, *batch):
         grads, (loss, aux) = grad_and_value(loss_of, has_aux=True)(params, state, batch)

@@ -20,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import distributed, layouts
 from ._native import _C
-from ._shared import CaptureError, forward_and_loss, named_tensors
+from ._shared import CaptureError, forward_and_loss, named_tensors, traced_scalar_loss
 from .clipping import GradClip
 from .eager_draws import draw_as_eager
 from .faster_ops import swap_for_faster
@@ -133,16 +133,12 @@ def _joint_step(
         # penalty over model.parameters(), a tied weight) reads graph inputs, so its gradient is kept.
         with reparametrized(model, tensors):
             pred, labels, loss = forward_and_loss(model, loss_fn, batch, last_label)
-        if not isinstance(loss, torch.Tensor):
-            raise CaptureError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise CaptureError(f"loss_fn must return a single value, got shape {tuple(loss.shape)}")
         aux = (
             (torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, pred), labels)
             if metrics
             else ()
         )
-        return loss.reshape(()), aux
+        return traced_scalar_loss(loss), aux
 
     def metric_values(aux: Any) -> list[torch.Tensor]:
         values = []
