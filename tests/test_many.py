@@ -802,4 +802,5 @@ def test_a_loss_that_is_not_one_value_is_refused_naming_it():
     x, y = _data()
     models, optimizers = _setup("sgd", 2)
     with pytest.raises(hotloop.many.CaptureError, match="loss_fn must return a single value, got shape"):
-        next(fit_many((x, y), models, optimizers, nn.MSELoss(reduction="none"), batch_size=16, engine="stacked"))
+        loss_fn = nn.MSELoss(reduction="none")
+        next(fit_many((x, y), models, optimizers, loss_fn, batch_size=16, engine="stacked"))
